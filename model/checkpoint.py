@@ -1,0 +1,164 @@
+"""Checkpoint download (cached, atomic, hash-checked) and loading into a BiSeNetV1.
+
+Environment:
+  BISENET_CACHE_DIR       where downloads are kept (default ~/.cache/bisenet-serve/checkpoints)
+  BISENET_WEIGHTS_MIRROR  a base URL or a local folder holding the official file names; replaces
+                          download.openmmlab.com for sites without internet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.request
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.(?:pth|pt)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be fetched, read or matched to the network."""
+
+
+def cache_dir() -> Path:
+    default = Path.home() / ".cache" / "bisenet-serve" / "checkpoints"
+    return Path(os.environ.get("BISENET_CACHE_DIR") or default)
+
+
+def mirrored(url: str) -> str:
+    """The URL (or local path) to fetch `url` from, honouring BISENET_WEIGHTS_MIRROR."""
+    mirror = os.environ.get("BISENET_WEIGHTS_MIRROR")
+    if not mirror:
+        return url
+    return mirror.rstrip("/") + "/" + url.rsplit("/", 1)[-1]
+
+
+def download(url: str, directory: Path | None = None, timeout: float = 60.0) -> Path:
+    """Fetch `url` once into the cache and return the local path.
+
+    The file is streamed to a temporary file in the cache directory, its sha256 is checked against
+    the prefix embedded in official names (`...-c55e78e2.pth`), and only then renamed into place, so
+    a failed or corrupt download never leaves a file that looks complete.
+    """
+    directory = Path(directory or cache_dir())
+    filename = url.rsplit("/", 1)[-1]
+    target = directory / filename
+    if target.exists():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    source = mirrored(url)
+    expected = HASH_IN_NAME.search(filename)
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", suffix=".part", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            if "://" in source:
+                with urllib.request.urlopen(source, timeout=timeout) as resp:  # noqa: S310 - http(s) only
+                    while chunk := resp.read(1 << 20):
+                        digest.update(chunk)
+                        out.write(chunk)
+            else:
+                with open(source, "rb") as src:
+                    while chunk := src.read(1 << 20):
+                        digest.update(chunk)
+                        out.write(chunk)
+        if expected and not digest.hexdigest().startswith(expected.group(1)):
+            raise CheckpointError(
+                f"{filename}: sha256 {digest.hexdigest()[:16]}... does not match the expected prefix "
+                f"{expected.group(1)} (downloaded from {source}); the file was discarded"
+            )
+        os.replace(tmp, target)
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        raise CheckpointError(
+            f"could not download {filename} from {source}: {exc}. Set BISENET_WEIGHTS_MIRROR to a URL or "
+            f"folder that holds {filename}, or pass a local file path as the weights"
+        ) from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _safe_load(path: Path) -> dict:
+    """Read a checkpoint with `torch.load(weights_only=True)`.
+
+    weights_only unpickling only rebuilds tensors and plain containers (dict, list, tuple, str,
+    numbers); it never imports or calls arbitrary code. mmsegmentation's files also hold numpy
+    scalars/arrays in their `meta`, so the few numpy reconstructors those need are allow-listed
+    and nothing else is.
+    """
+    import numpy as np
+
+    allowed = [np.dtype, np.ndarray, np.core.multiarray.scalar, np.core.multiarray._reconstruct]  # type: ignore[attr-defined]
+    allowed += [type(np.dtype(t)) for t in ("float32", "float64", "int64", "int32", "uint8", "bool")]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one clear error
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def read_state_dict(source: str | os.PathLike) -> tuple["OrderedDict[str, torch.Tensor]", dict]:
+    """Return (state_dict, meta) from a path or URL; accepts mmseg containers and bare state_dicts."""
+    source = str(source)
+    path = download(source) if source.startswith(("http://", "https://")) else Path(source)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    obj = _safe_load(path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state_dict or checkpoint dict")
+    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+    state = obj["state_dict"] if isinstance(obj.get("state_dict"), dict) else obj
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} has no state_dict of tensors")
+    cleaned = OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in state.items())
+    return cleaned, meta
+
+
+def load_checkpoint(net: nn.Module, source: str | os.PathLike, strict_aux: bool = False) -> dict:
+    """Load a path or http(s) URL into `net`; returns the checkpoint's `meta`.
+
+    Accepts mmsegmentation checkpoints (`{'meta', 'state_dict', ...}`) and bare state_dicts, strips
+    `module.` prefixes, and ignores `auxiliary_head.*` when the network has none (or, unless
+    `strict_aux`, when the checkpoint lacks them). Any other missing, unexpected or wrongly shaped
+    key raises CheckpointError listing them all.
+    """
+    state, meta = read_state_dict(source)
+    own = net.state_dict()
+    if not any(k.startswith("auxiliary_head.") for k in own):
+        state = OrderedDict((k, v) for k, v in state.items() if not k.startswith("auxiliary_head."))
+    missing = [k for k in own if k not in state]
+    if not strict_aux:
+        missing = [k for k in missing if not k.startswith("auxiliary_head.")]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]  # fmt: skip
+    if missing or unexpected or shapes:
+        raise CheckpointError(_mismatch_message(source, missing, unexpected, shapes))
+    net.load_state_dict(state, strict=False)
+    return meta
+
+
+def _mismatch_message(source, missing, unexpected, shapes) -> str:
+    def block(title, items):
+        shown = "\n    ".join(items[:20]) + (f"\n    ... and {len(items) - 20} more" if len(items) > 20 else "")
+        return f"\n  {title} ({len(items)}):\n    {shown}" if items else ""
+
+    hint = ""
+    if any(k.endswith("conv_seg.weight") for k in shapes):
+        hint = "\n  (the class count differs: build the model with num_classes matching the checkpoint)"
+    return (f"checkpoint {source} does not match the network:" + block("missing keys", missing)
+            + block("unexpected keys", unexpected) + block("wrong shapes", shapes) + hint)  # fmt: skip
+
+
+def checkpoint_num_classes(source: str | os.PathLike) -> int:
+    """The class count stored in a checkpoint (from decode_head.conv_seg.bias)."""
+    state, _ = read_state_dict(source)
+    return int(state["decode_head.conv_seg.bias"].shape[0])

@@ -1,0 +1,71 @@
+"""Test-time pre- and post-processing, exactly as mmsegmentation 1.x runs it (reference section 7).
+
+Everything works on torch tensors on any device, so the worker can keep the whole path
+(uint8 in -> uint8 labels out) on the GPU and inside one CUDA graph.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+MEAN = (123.675, 116.28, 103.53)  # RGB, 0-255
+STD = (58.395, 57.12, 57.375)
+TEST_SCALE = (2048, 1024)  # mmseg Resize(scale=(2048, 1024), keep_ratio=True)
+
+
+def test_size(height: int, width: int, scale: tuple[int, int] = TEST_SCALE) -> tuple[int, int]:
+    """mmcv `imrescale`: long edge to at most max(scale), short edge to at most min(scale).
+
+    Images are enlarged as well as shrunk; sizes round half up as mmcv does.
+    """
+    factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def normalise(images: torch.Tensor, size: tuple[int, int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (N, H, W, 3) RGB -> normalised float (N, 3, h, w) at the network input size.
+
+    mmseg resizes the uint8 image with OpenCV INTER_LINEAR (half-pixel centres, no antialias) and
+    keeps it uint8, so the resized values are rounded before normalisation, as here.
+    """
+    x = images.permute(0, 3, 1, 2).float()
+    if tuple(x.shape[2:]) != tuple(size):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False).round_().clamp_(0, 255)
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    return ((x - mean) / std).to(dtype)
+
+
+def logits_to_labels(logits: torch.Tensor, input_size: tuple[int, int], output_size: tuple[int, int]) -> torch.Tensor:
+    """(N, C, h/8, w/8) logits -> (N, H, W) uint8 labels: resize to the input, then the original size."""
+    x = F.interpolate(logits.float(), size=input_size, mode="bilinear", align_corners=False)
+    if tuple(input_size) != tuple(output_size):
+        x = F.interpolate(x, size=output_size, mode="bilinear", align_corners=False)
+    return x.argmax(dim=1).to(torch.uint8)
+
+
+def as_rgb_uint8(image) -> np.ndarray:
+    """A PIL image or an HxW / HxWx1 / HxWx3 / HxWx4 uint8 array as a contiguous HxWx3 RGB array.
+
+    Grayscale is replicated to three channels and alpha is dropped (as OpenCV's colour loader
+    does); anything else is refused with ValueError.
+    """
+    if hasattr(image, "mode") and hasattr(image, "convert"):  # PIL without importing it eagerly
+        image = np.asarray(image.convert("RGB"))
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"expected an RGB uint8 numpy array or a PIL image, got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected dtype uint8 (0-255 RGB), got {image.dtype}")
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        raise ValueError(f"expected an HxW, HxWx3 or HxWx4 image, got shape {image.shape}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"image has zero size: {image.shape[1]}x{image.shape[0]}")
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    elif image.shape[2] == 4:
+        image = image[:, :, :3]
+    return np.ascontiguousarray(image)

@@ -1,0 +1,42 @@
+"""Shared fixtures: small real photos, random-weight checkpoints on disk, CUDA detection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model import build_model
+
+HAS_CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+
+
+@pytest.fixture(scope="session")
+def photo() -> np.ndarray:
+    """A real RGB photo (scikit-image's astronaut, 512x512)."""
+    from skimage import data
+
+    return data.astronaut()
+
+
+@pytest.fixture(scope="session")
+def r18_checkpoint(tmp_path_factory) -> str:
+    """An mmsegmentation-layout R18 checkpoint with random (seeded) weights and non-trivial BN stats."""
+    torch.manual_seed(0)
+    net = build_model("bisenetv1_r18")
+    randomise_bn(net)
+    path = tmp_path_factory.mktemp("ckpt") / "r18.pth"
+    torch.save({"meta": {"CLASSES": ("a",) * 19}, "state_dict": net.state_dict()}, path)
+    return str(path)
+
+
+def randomise_bn(net: torch.nn.Module) -> None:
+    """Give BN layers non-identity statistics so folding and loading are really exercised."""
+    g = torch.Generator().manual_seed(1)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
