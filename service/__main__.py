@@ -1,0 +1,32 @@
+"""`python -m service` / `bisenet-serve`: start the segmentation service."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from model.checkpoint import CheckpointError
+
+from .config import ConfigError, load_settings
+from .core import fetch_weights
+from .dispatcher import resolve_devices
+from .errors import ServiceError
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = load_settings(argv)
+        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        resolve_devices(settings.devices)  # a missing GPU stops start-up here, with a clear message
+        weights = fetch_weights(settings)
+    except (ConfigError, ServiceError, CheckpointError, ValueError, KeyError) as exc:
+        print(f"bisenet-serve: error: {exc}", file=sys.stderr)
+        return 2
+    from .server import serve
+
+    return asyncio.run(serve(settings, weights))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

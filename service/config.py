@@ -1,0 +1,202 @@
+"""Service settings: command-line flags, each with a BISENET_* environment variable as default."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+
+from model.zoo import ARCHS, ZOO, resolve_arch
+
+ALIASES = {"fast": "bisenetv1_r18", "accurate": "bisenetv1_r50"}
+
+
+class ConfigError(ValueError):
+    """A setting is malformed or names something that does not exist."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # what clients ask for
+    weights: str | None  # None: the zoo default for `name`; 'random'; a zoo entry, path or URL
+
+    @property
+    def arch(self) -> str:
+        return resolve_arch(self.name)
+
+
+@dataclass(frozen=True)
+class Settings:
+    models: tuple[ModelSpec, ...] = (ModelSpec("bisenetv1_r18", None), ModelSpec("bisenetv1_r50", None))
+    devices: tuple[str, ...] = ("auto",)
+    host: str = "0.0.0.0"
+    http_port: int = 8000
+    grpc_port: int = 50051
+    max_batch: int = 8
+    max_delay_ms: float = 5.0
+    batch_buckets: tuple[int, ...] = (1, 2, 4, 8)
+    warm_shapes: tuple[tuple[int, int], ...] = ((1024, 2048),)
+    target_fps: float = 30.0
+    max_queue: int = 64
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 4096 * 4096
+    shm_bytes: int = 1 << 30
+    dtype: str = "auto"
+    api_key: str | None = None
+    drain_seconds: float = 30.0
+    log_level: str = "info"
+    decode_threads: int = field(default_factory=lambda: max(2, min(8, os.cpu_count() or 2)))
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @property
+    def budget_seconds(self) -> float:
+        return 1.0 / self.target_fps
+
+    def model_names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+
+def parse_models(values: list[str]) -> tuple[ModelSpec, ...]:
+    specs = []
+    for value in values:
+        for item in filter(None, (v.strip() for v in value.split(","))):
+            name, _, weights = item.partition("=")
+            name = ALIASES.get(name, name)
+            if name not in ARCHS and name not in ZOO:
+                raise ConfigError(f"unknown model {name!r} in --model {item!r}; known: "
+                                  f"{', '.join(list(ARCHS) + list(ZOO))} (aliases: fast, accurate)")  # fmt: skip
+            specs.append(ModelSpec(name, weights or None))
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"a model is named twice: {names}")
+    if not specs:
+        raise ConfigError("no model configured")
+    return tuple(specs)
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"bad shape {text!r}: expected HEIGHTxWIDTH, e.g. 1024x2048") from None
+    if h <= 0 or w <= 0:
+        raise ConfigError(f"bad shape {text!r}: sides must be positive")
+    return h, w
+
+
+def _int_list(text: str, what: str) -> tuple[int, ...]:
+    try:
+        values = tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
+    except ValueError:
+        raise ConfigError(f"bad {what} {text!r}: expected comma-separated integers") from None
+    if not values or values[0] <= 0:
+        raise ConfigError(f"bad {what} {text!r}: expected positive integers")
+    return values
+
+
+def _env(name: str, default):
+    return os.environ.get(f"BISENET_{name}", default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = Settings()
+    p = argparse.ArgumentParser(prog="bisenet-serve", description="BiSeNetV1 segmentation service (REST + gRPC)")
+    p.add_argument("--model", action="append", default=None, metavar="NAME[=WEIGHTS]",
+                   help="model to serve (repeatable or comma-separated); WEIGHTS is a zoo entry, path, URL or "
+                        "'random' [BISENET_MODELS; default bisenetv1_r18,bisenetv1_r50 with official weights]")
+    p.add_argument("--device", default=_env("DEVICE", "auto"),
+                   help="auto|cpu|cuda|cuda:N[,cuda:M...]: one worker per device [BISENET_DEVICE]")
+    p.add_argument("--host", default=_env("HOST", d.host), help="bind address [BISENET_HOST]")
+    p.add_argument("--http-port", default=_env("HTTP_PORT", d.http_port), help="[BISENET_HTTP_PORT]")
+    p.add_argument("--grpc-port", default=_env("GRPC_PORT", d.grpc_port), help="0 disables gRPC [BISENET_GRPC_PORT]")
+    p.add_argument("--max-batch", default=_env("MAX_BATCH", d.max_batch), help="[BISENET_MAX_BATCH]")
+    p.add_argument("--max-delay-ms", default=_env("MAX_DELAY_MS", d.max_delay_ms),
+                   help="longest wait to fill a batch [BISENET_MAX_DELAY_MS]")
+    p.add_argument("--batch-buckets", default=_env("BATCH_BUCKETS", None),
+                   help="CUDA-graph batch sizes, e.g. 1,2,4,8 (default: powers of 2 up to --max-batch) "
+                        "[BISENET_BATCH_BUCKETS]")
+    p.add_argument("--warm-shapes", default=_env("WARM_SHAPES", "1024x2048"),
+                   help="HxW shapes captured/warmed before ready, comma-separated; 'none' for none "
+                        "[BISENET_WARM_SHAPES]")
+    p.add_argument("--target-fps", default=_env("TARGET_FPS", d.target_fps),
+                   help="real-time target; the frame budget is 1/fps [BISENET_TARGET_FPS]")
+    p.add_argument("--max-queue", default=_env("MAX_QUEUE", d.max_queue),
+                   help="requests waiting per model before 429 [BISENET_MAX_QUEUE]")
+    p.add_argument("--max-image-bytes", default=_env("MAX_IMAGE_BYTES", d.max_image_bytes),
+                   help="largest upload, bytes [BISENET_MAX_IMAGE_BYTES]")
+    p.add_argument("--max-pixels", default=_env("MAX_PIXELS", d.max_pixels),
+                   help="largest decoded image, pixels [BISENET_MAX_PIXELS]")
+    p.add_argument("--shm-bytes", default=_env("SHM_BYTES", d.shm_bytes),
+                   help="cap on shared memory for frames in flight; size /dev/shm above it [BISENET_SHM_BYTES]")
+    p.add_argument("--dtype", default=_env("DTYPE", d.dtype), help="auto|float32|float16|bfloat16 [BISENET_DTYPE]")
+    p.add_argument("--api-key", default=_env("API_KEY", None),
+                   help="require this key (X-API-Key / Bearer / gRPC x-api-key) [BISENET_API_KEY]")
+    p.add_argument("--drain-seconds", default=_env("DRAIN_SECONDS", d.drain_seconds),
+                   help="SIGTERM grace period for in-flight work [BISENET_DRAIN_SECONDS]")
+    p.add_argument("--log-level", default=_env("LOG_LEVEL", d.log_level), help="[BISENET_LOG_LEVEL]")
+    p.add_argument("--tls-cert", default=_env("TLS_CERT", None), help="PEM certificate for gRPC TLS [BISENET_TLS_CERT]")
+    p.add_argument("--tls-key", default=_env("TLS_KEY", None), help="PEM key for gRPC TLS [BISENET_TLS_KEY]")
+    return p  # fmt: skip
+
+
+def _number(value, name: str, kind=int, minimum=None):
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"bad --{name} {value!r}: expected a {kind.__name__}") from None
+    if minimum is not None and number < minimum:
+        raise ConfigError(f"bad --{name} {value!r}: must be at least {minimum}")
+    return number
+
+
+def parse_devices(text: str) -> tuple[str, ...]:
+    devices = tuple(d.strip() for d in text.split(",") if d.strip())
+    for d in devices:
+        if d not in ("auto", "cpu", "cuda") and not (d.startswith("cuda:") and d[5:].isdigit()):
+            raise ConfigError(f"bad --device {text!r}: use auto, cpu, cuda or cuda:N[,cuda:M]")
+    if not devices or ("auto" in devices and len(devices) > 1):
+        raise ConfigError(f"bad --device {text!r}")
+    return devices
+
+
+def load_settings(argv: list[str] | None = None) -> Settings:
+    args = build_parser().parse_args(argv)
+    models = parse_models(args.model or [_env("MODELS", "bisenetv1_r18,bisenetv1_r50")])
+    max_batch = _number(args.max_batch, "max-batch", minimum=1)
+    if args.batch_buckets:
+        buckets = _int_list(args.batch_buckets, "--batch-buckets")
+    else:
+        buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64) if b < max_batch) + (max_batch,)
+    if buckets[-1] < max_batch:
+        raise ConfigError(f"--batch-buckets {buckets} must reach --max-batch {max_batch}")
+    warm = args.warm_shapes.strip().lower()
+    warm_shapes = () if warm in ("", "none") else tuple(parse_shape(s) for s in warm.split(","))
+    if args.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
+        raise ConfigError(f"bad --log-level {args.log_level!r}")
+    if args.dtype not in ("auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16"):
+        raise ConfigError(f"bad --dtype {args.dtype!r}: use auto, float32, float16 or bfloat16")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    return Settings(
+        models=models,
+        devices=parse_devices(args.device),
+        host=args.host,
+        http_port=_number(args.http_port, "http-port", minimum=0),
+        grpc_port=_number(args.grpc_port, "grpc-port", minimum=0),
+        max_batch=max_batch,
+        max_delay_ms=_number(args.max_delay_ms, "max-delay-ms", float, minimum=0),
+        batch_buckets=tuple(b for b in buckets if b <= max_batch),
+        warm_shapes=warm_shapes,
+        target_fps=_number(args.target_fps, "target-fps", float, minimum=0.1),
+        max_queue=_number(args.max_queue, "max-queue", minimum=1),
+        max_image_bytes=_number(args.max_image_bytes, "max-image-bytes", minimum=1),
+        max_pixels=_number(args.max_pixels, "max-pixels", minimum=1),
+        shm_bytes=_number(args.shm_bytes, "shm-bytes", minimum=1 << 20),
+        dtype=args.dtype,
+        api_key=args.api_key or None,
+        drain_seconds=_number(args.drain_seconds, "drain-seconds", float, minimum=0),
+        log_level=args.log_level.lower(),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )

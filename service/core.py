@@ -1,0 +1,165 @@
+"""The request path shared by REST and gRPC: admit, decode, run on a worker, encode, measure."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from model.checkpoint import download
+from model.predictor import resolve_weights
+
+from . import imaging
+from .config import ALIASES, Settings
+from .dispatcher import Dispatcher, Result, WorkerLink
+from .errors import ServiceError
+from .metrics import Metrics
+
+log = logging.getLogger("service")
+DEFAULT_TIMEOUT = 120.0  # seconds a request without a deadline may wait before 504
+
+
+@dataclass
+class Served:
+    result: Result
+    image: np.ndarray | None  # the decoded RGB image (for overlays)
+    timings: dict  # seconds: decode, queue, inference (encode added by the caller)
+
+
+def fetch_weights(settings: Settings) -> dict[str, str]:
+    """Model name -> local weights path (or 'random'), downloading official files once, up front,
+    so that a failed download stops start-up with a message naming the file and the mirror."""
+    weights = {}
+    for spec in settings.models:
+        source = resolve_weights(spec.name, spec.weights)
+        if source is None:
+            weights[spec.name] = "random"
+        elif source.startswith(("http://", "https://")):
+            weights[spec.name] = str(download(source))
+        else:
+            weights[spec.name] = source
+    return weights
+
+
+class SegmentationService:
+    def __init__(self, settings: Settings, model_weights: dict[str, str], shm_bytes: int = 1 << 30):
+        self.settings = settings
+        self.metrics = Metrics(settings.budget_seconds)
+        self.dispatcher = Dispatcher(settings, model_weights, self.metrics, shm_bytes)
+        self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="codec")
+        self.default_model = settings.models[0].name
+        self.started = time.time()
+
+    async def start(self) -> None:
+        await self.dispatcher.start()
+        self.metrics.ready.set(1)
+        log.info("ready: %s on %s", ", ".join(self.dispatcher.model_names),
+                 ", ".join(link.device for link in self.dispatcher.links))  # fmt: skip
+
+    @property
+    def ready(self) -> bool:
+        ready = self.dispatcher.ready
+        self.metrics.ready.set(1 if ready else 0)
+        return ready
+
+    def resolve_model(self, name: str | None) -> str:
+        name = name or self.default_model
+        name = ALIASES.get(name, name) if name not in self.dispatcher.depth else name
+        if name not in self.dispatcher.depth:
+            raise ServiceError("not_found", f"unknown model {name!r}; served: "
+                                            f"{', '.join(self.dispatcher.model_names)}")  # fmt: skip
+        return name
+
+    def check_api_key(self, key: str | None) -> None:
+        if self.settings.api_key and key != self.settings.api_key:
+            raise ServiceError("unauthorized", "missing or wrong API key")
+
+    async def run_in_pool(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def _decode_and_place(self, data: bytes | None, rgb: np.ndarray | None):
+        start = time.perf_counter()
+        if rgb is None:
+            rgb = imaging.decode_image(data, self.settings.max_pixels)
+        elif rgb.shape[0] * rgb.shape[1] > self.settings.max_pixels:
+            raise ServiceError("too_large", f"frame has {rgb.shape[0] * rgb.shape[1]} pixels; "
+                                            f"the limit is {self.settings.max_pixels}")  # fmt: skip
+        decoded = time.perf_counter() - start
+        return rgb, self.dispatcher.place(rgb), decoded
+
+    async def _decode_and_place_async(self, data, rgb):
+        task = asyncio.get_running_loop().run_in_executor(self.pool, self._decode_and_place, data, rgb)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # The caller went away mid-decode: give the slot back once the thread is done with it.
+            task.add_done_callback(lambda t: t.exception() or self.dispatcher.slots.release(t.result()[1]))
+            raise
+
+    async def segment(self, model: str, protocol: str, *, data: bytes | None = None, rgb: np.ndarray | None = None,
+                      deadline_ms: int | None = None, link: WorkerLink | None = None) -> Served:  # fmt: skip
+        """Run one image (encoded bytes or an RGB array) through a worker. Raises ServiceError."""
+        admitted = time.monotonic()
+        deadline = admitted + deadline_ms / 1000 if deadline_ms else None
+        self.dispatcher.admit(model)
+        try:
+            image, slot, decode_s = await self._decode_and_place_async(data, rgb)
+            self.metrics.decode.labels(protocol).observe(decode_s)
+            try:
+                future = self.dispatcher.submit(model, slot, image.shape[:2], deadline, link)
+            except ServiceError:
+                self.dispatcher.slots.release(slot)
+                raise
+            timeout = (deadline - time.monotonic()) if deadline else DEFAULT_TIMEOUT
+            try:
+                result = await asyncio.wait_for(asyncio.shield(future), max(timeout, 0.001))
+            except TimeoutError:
+                self.dispatcher.cancel(future)
+                raise ServiceError("deadline_exceeded", "the deadline passed before the result was ready") from None
+            except asyncio.CancelledError:
+                self.dispatcher.cancel(future)  # the client went away: drop it if still queued
+                raise
+        finally:
+            self.dispatcher.release(model)
+        return Served(result, image, {"decode": decode_s, **result.timings})
+
+    def count_rejection(self, error: ServiceError) -> None:
+        self.metrics.rejected.labels(error.reason).inc()
+
+    def models_info(self) -> list[dict]:
+        from model.zoo import ZOO, default_entry
+
+        out = []
+        for spec in self.settings.models:
+            info = self.dispatcher.model_info(spec.name)
+            entry = None
+            if spec.weights in (None, *ZOO):
+                entry = ZOO[spec.weights] if spec.weights in ZOO else default_entry(spec.name)
+            out.append({
+                "name": spec.name,
+                "arch": spec.arch,
+                "weights": spec.weights or (entry.url if entry else None),
+                "published_miou": entry.miou if entry else None,
+                "published_miou_ms_flip": entry.miou_ms_flip if entry else None,
+                "ready": bool(info) and self.ready,
+                "classes": info.get("classes", []),
+                "palette": info.get("palette", []),
+                "dtype": info.get("dtype"),
+                "cuda_graphs": info.get("cuda_graphs", False),
+                "captured_graphs": info.get("graphs", []),
+            })  # fmt: skip
+        return out
+
+    def classes_palette(self, model: str) -> tuple[list, list]:
+        info = self.dispatcher.model_info(model)
+        return info.get("classes", []), info.get("palette", [])
+
+    async def drain_and_stop(self) -> None:
+        self.metrics.ready.set(0)
+        await self.dispatcher.drain(self.settings.drain_seconds)
+        await self.dispatcher.stop()
+        self.pool.shutdown(wait=False, cancel_futures=True)

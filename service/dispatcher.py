@@ -1,0 +1,365 @@
+"""Front-end side of the worker link: admission, futures, and worker supervision.
+
+One `WorkerLink` per device owns a spawned worker process. The `Dispatcher` admits requests
+(bounded queue per model -> 429), puts pixels into shared-memory slots, routes each request to a
+worker, and resolves its future when the worker answers. If a worker dies, requests it was
+running fail with a retryable 503, requests still queued are re-sent to its replacement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import multiprocessing as mp
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import ServiceError
+from .ipc import Slot, SlotPool
+from .metrics import Metrics
+from .scheduler import Job
+from .worker import WorkerConfig, run_worker
+
+log = logging.getLogger("service.dispatcher")
+READY_TIMEOUT = 900.0  # model download + cuDNN autotune + graph capture on a cold GPU
+RESTART_BACKOFF = (0.5, 1, 2, 5, 10, 30)
+
+
+@dataclass
+class Result:
+    labels: np.ndarray
+    model: str
+    timings: dict  # seconds: queue, inference
+    batch_size: int
+
+
+@dataclass
+class Pending:
+    job: Job
+    slot: Slot
+    future: asyncio.Future
+    link: "WorkerLink"
+    running: bool = False
+    admitted: float = field(default_factory=time.monotonic)
+
+
+class WorkerLink:
+    """One worker process on one device, restarted when it dies."""
+
+    def __init__(self, device: str, config: WorkerConfig, dispatcher: "Dispatcher"):
+        self.device = device
+        self.config = config
+        self.dispatcher = dispatcher
+        self.ready = False
+        self.info: dict = {}
+        self.stats: dict = {}
+        self.process = None
+        self.conn = None
+        self.pending: dict[int, Pending] = {}
+        self.restarts = 0
+        self.failures_in_a_row = 0
+        self.stopping = False
+        self._send_lock = threading.Lock()  # slots are forgotten from decode threads too
+        self._ready_event = asyncio.Event()
+        self._fatal: str | None = None
+
+    @property
+    def outstanding(self) -> int:
+        return len(self.pending)
+
+    async def start(self) -> None:
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self.process = ctx.Process(target=run_worker, args=(child, self.config), name=f"worker-{self.device}",
+                                   daemon=True)  # fmt: skip
+        self.process.start()
+        child.close()
+        self.conn = parent
+        self._ready_event.clear()
+        self._fatal = None
+        loop = asyncio.get_running_loop()
+        loop.add_reader(parent.fileno(), self._on_readable)
+        loop.add_reader(self.process.sentinel, self._on_exit)
+
+    async def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        await asyncio.wait_for(self._ready_event.wait(), timeout)
+        if self._fatal:
+            raise RuntimeError(f"worker on {self.device} failed to start: {self._fatal}")
+
+    def send(self, *msg) -> None:
+        try:
+            with self._send_lock:
+                self.conn.send(msg)
+        except (BrokenPipeError, OSError, AttributeError):
+            pass  # the worker is gone; _on_exit handles its requests
+
+    # -- messages from the worker ----------------------------------------------------------------
+    def _on_readable(self) -> None:
+        try:
+            while self.conn.poll():
+                self._handle(self.conn.recv())
+        except (EOFError, OSError):
+            asyncio.get_running_loop().remove_reader(self.conn.fileno())
+
+    def _handle(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "running":
+            for job_id in msg[1]:
+                if job_id in self.pending:
+                    self.pending[job_id].running = True
+        elif kind == "done":
+            info = msg[2]
+            first = self.pending.get(msg[1][0])
+            if first is not None:
+                self.dispatcher.metrics.batch_size.labels(first.job.model).observe(info["size"])
+            for job_id in msg[1]:
+                p = self.pending.pop(job_id, None)
+                if p is not None:
+                    self.dispatcher.complete(p, info)
+        elif kind == "expired":
+            for job_id in msg[1]:
+                self._fail(job_id, ServiceError("deadline_exceeded", "the deadline passed before the request ran"))
+        elif kind == "failed":
+            for job_id in msg[1]:
+                self._fail(job_id, ServiceError("internal", f"inference failed: {msg[2]}"))
+        elif kind == "cancelled":
+            self._fail(msg[1], ServiceError("cancelled", "cancelled by the client"))
+        elif kind == "stats":
+            self.dispatcher.record_stats(self, msg[1])
+        elif kind == "ready":
+            self.info = msg[1]
+            self.ready = True
+            self.failures_in_a_row = 0
+            self._ready_event.set()
+            self._resend_queued()
+        elif kind == "fatal":
+            self._fatal = msg[1]
+            log.error("worker on %s failed to start: %s", self.device, msg[1])
+            self._ready_event.set()
+
+    def _fail(self, job_id: int, error: ServiceError) -> None:
+        p = self.pending.pop(job_id, None)
+        if p is not None:
+            self.dispatcher.finish(p, error=error)
+
+    def _resend_queued(self) -> None:
+        for p in list(self.pending.values()):
+            self.send("submit", p.job)
+
+    # -- supervision -----------------------------------------------------------------------------
+    def _on_exit(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.process.sentinel)
+        try:
+            self._on_readable()  # deliver what the worker said before dying
+            loop.remove_reader(self.conn.fileno())
+        except (OSError, ValueError):
+            pass
+        self.conn.close()
+        self.ready = False
+        code = self.process.exitcode
+        if self.stopping:
+            return
+        if self._fatal:
+            self._ready_event.set()
+            return
+        log.error("worker on %s died (exit code %s); restarting", self.device, code)
+        self.dispatcher.metrics.worker_restarts.labels(self.device).inc()
+        for job_id, p in list(self.pending.items()):
+            if p.running:  # its slot may hold half-written labels: fail it, the client retries
+                self._fail(job_id, ServiceError("worker_restarting", "the worker restarted while running this "
+                                                                     "request; retry", retry_after=1))  # fmt: skip
+        self.restarts += 1
+        self.failures_in_a_row += 1
+        delay = RESTART_BACKOFF[min(self.failures_in_a_row - 1, len(RESTART_BACKOFF) - 1)]
+        loop.call_later(delay, lambda: asyncio.ensure_future(self.start()))
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        self.stopping = True
+        self.ready = False
+        if self.process is None or not self.process.is_alive():
+            return
+        self.send("stop")
+        deadline = time.monotonic() + timeout
+        while self.process.is_alive() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(1)
+
+
+class Dispatcher:
+    def __init__(self, settings, model_weights: dict[str, str], metrics: Metrics, shm_bytes: int):
+        self.settings = settings
+        self.metrics = metrics
+        self.model_names = list(model_weights)
+        self.slots = SlotPool(shm_bytes, on_forget=self._forget_everywhere)
+        self.links: list[WorkerLink] = []
+        self.depth = dict.fromkeys(self.model_names, 0)
+        self.draining = False
+        self._ids = itertools.count(1)
+        self._last_replays: dict[tuple[str, str], tuple[int, int]] = {}
+        self._devices = resolve_devices(settings.devices)
+        self._model_weights = model_weights
+
+    # -- life cycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        s = self.settings
+        for device in self._devices:
+            config = WorkerConfig(device=device, models=tuple(self._model_weights.items()), dtype=s.dtype,
+                                  buckets=s.batch_buckets, max_batch=s.max_batch, max_delay=s.max_delay_ms / 1000,
+                                  budget=s.budget_seconds, warm_shapes=s.warm_shapes, log_level=s.log_level)  # fmt: skip
+            link = WorkerLink(device, config, self)
+            self.links.append(link)
+            await link.start()
+        await asyncio.gather(*(link.wait_ready() for link in self.links))
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.links) and not self.draining and all(link.ready for link in self.links)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(link.outstanding for link in self.links)
+
+    async def drain(self, timeout: float) -> None:
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(link.stop() for link in self.links))
+        self.slots.close()
+
+    def model_info(self, name: str) -> dict:
+        for link in self.links:
+            if name in link.info.get("models", {}):
+                return link.info["models"][name]
+        return {}
+
+    # -- requests ------------------------------------------------------------------------------
+    def admit(self, model: str) -> None:
+        """Reserve a queue place for `model` or raise (not ready 503, unknown 404, full 429)."""
+        if model not in self.depth:
+            raise ServiceError("not_found", f"unknown model {model!r}; served: {', '.join(self.model_names)}")
+        if self.draining:
+            raise ServiceError("not_ready", "the service is draining", retry_after=1)
+        if not any(link.ready for link in self.links):
+            raise ServiceError("not_ready", "the service is not ready: models are loading or a worker restarts",
+                               retry_after=1)  # fmt: skip
+        if self.depth[model] >= self.settings.max_queue:
+            raise ServiceError("queue_full", f"queue for {model} is full ({self.settings.max_queue} requests)",
+                               retry_after=self.retry_after(model))  # fmt: skip
+        self.depth[model] += 1
+        self.metrics.queue_depth.labels(model).set(self.depth[model])
+
+    def release(self, model: str) -> None:
+        self.depth[model] -= 1
+        self.metrics.queue_depth.labels(model).set(self.depth[model])
+
+    def retry_after(self, model: str) -> int:
+        # Time to serve what is queued, at the budget per batch, rounded up to whole seconds.
+        batches = self.depth[model] / max(self.settings.max_batch, 1)
+        return max(1, math.ceil(batches * self.settings.budget_seconds))
+
+    def place(self, image: np.ndarray) -> Slot:
+        """Copy a decoded image into a shared-memory slot (thread-safe; runs in the decode pool)."""
+        slot = self.slots.acquire(image.nbytes)
+        slot.write_image(image)
+        return slot
+
+    def pick_link(self, sticky: int | None = None) -> WorkerLink:
+        ready = [link for link in self.links if link.ready]
+        if not ready:
+            raise ServiceError("worker_restarting", "no worker is ready; retry", retry_after=1)
+        if sticky is not None:
+            return ready[sticky % len(ready)]
+        return min(ready, key=lambda link: link.outstanding)
+
+    def submit(self, model: str, slot: Slot, shape: tuple[int, int], deadline: float | None,
+               link: WorkerLink | None = None) -> asyncio.Future:  # fmt: skip
+        """Send an admitted request in `slot` to a worker; the future resolves to a Result."""
+        link = link or self.pick_link()
+        job = Job(next(self._ids), model, slot.name, shape[0], shape[1], deadline, time.monotonic())
+        future = asyncio.get_running_loop().create_future()
+        link.pending[job.id] = Pending(job, slot, future, link)
+        self.metrics.shm_slots.set(self.slots.in_use)
+        self.metrics.shm_bytes.set(self.slots.bytes_mapped)
+        link.send("submit", job)
+        return future
+
+    def cancel(self, future: asyncio.Future) -> None:
+        """Ask the worker to drop a request still queued (client went away)."""
+        for link in self.links:
+            for job_id, p in link.pending.items():
+                if p.future is future and not p.running:
+                    link.send("cancel", job_id)
+                    return
+
+    def complete(self, p: Pending, info: dict) -> None:
+        labels = p.slot.read_labels(p.job.height, p.job.width)
+        timings = {"queue": max(info["start"] - p.job.arrival, 0.0), "inference": info["infer"]}
+        self.metrics.queue_wait.labels(p.job.model).observe(timings["queue"])
+        self.metrics.inference.labels(p.job.model).observe(info["infer"])
+        self.finish(p, Result(labels, p.job.model, timings, info["size"]))
+
+    def finish(self, p: Pending, result: Result | None = None, error: ServiceError | None = None) -> None:
+        self.slots.release(p.slot)
+        self.metrics.shm_slots.set(self.slots.in_use)
+        if not p.future.done():
+            if error is not None:
+                p.future.set_exception(error)
+            else:
+                p.future.set_result(result)
+
+    def record_stats(self, link: WorkerLink, stats: dict) -> None:
+        for name, s in stats.get("models", {}).items():
+            before = self._last_replays.get((link.device, name), (0, 0))
+            replays, misses = s["graph_replays"], s["graph_misses"]
+            if replays < before[0] or misses < before[1]:  # a restarted worker counts from zero
+                before = (0, 0)
+            self.metrics.graph_replays.labels(name).inc(replays - before[0])
+            self.metrics.graph_misses.labels(name).inc(misses - before[1])
+            self._last_replays[(link.device, name)] = (replays, misses)
+            if name in link.info.get("models", {}):
+                link.info["models"][name]["graphs"] = s["graphs"]
+        for kind, value in stats.get("memory", {}).items():
+            self.metrics.device_memory.labels(link.device, kind).set(value)
+
+    def _forget_everywhere(self, name: str) -> None:
+        for link in self.links:
+            link.send("forget", name)
+
+    async def segment(self, model: str, image: np.ndarray, deadline: float | None = None,
+                      link: WorkerLink | None = None) -> Result:  # fmt: skip
+        """Admit, place and run one decoded image (used by tests and simple callers)."""
+        self.admit(model)
+        try:
+            slot = self.place(image)
+            return await self.submit(model, slot, image.shape[:2], deadline, link)
+        finally:
+            self.release(model)
+
+
+def resolve_devices(devices: tuple[str, ...]) -> list[str]:
+    """Expand auto/cuda to concrete devices; refuse CUDA devices that do not exist."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if devices == ("auto",):
+        return [f"cuda:{i}" for i in range(count)] or ["cpu"]
+    resolved = []
+    for d in devices:
+        if d == "cuda":
+            d = "cuda:0"
+        if d.startswith("cuda") and int(d.split(":")[1]) >= count:
+            raise ServiceError("not_ready", f"--device {d} asked for, but this machine has {count} CUDA device(s); "
+                                            "use --device cpu or auto")  # fmt: skip
+        resolved.append(d)
+    return resolved

@@ -1,0 +1,199 @@
+"""REST front door (FastAPI): /segment, /models, health, readiness and /metrics."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from fastapi import FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import __version__, imaging
+from .core import SegmentationService, Served
+from .errors import ServiceError
+
+MULTIPART_OVERHEAD = 64 * 1024
+OUTPUT_MEDIA = {"png": "image/png", "overlay": "image/jpeg", "json": "application/json",
+                "raw": "application/octet-stream"}  # fmt: skip
+ERROR_RESPONSES = {
+    status: {"description": text, "content": {"application/json": {"example": {"error": {"code": code, "message": "..."}}}}}
+    for status, code, text in [
+        (400, "invalid_image", "The body is not a decodable image"), (401, "unauthorized", "Missing or wrong API key"),
+        (404, "not_found", "Unknown model"), (413, "too_large", "Body or image too large"),
+        (415, "unsupported_media_type", "Wrong or missing content type"), (422, "bad_request", "Bad parameters"),
+        (429, "queue_full", "Overloaded; see Retry-After"), (503, "not_ready", "Not ready, draining or restarting"),
+        (504, "deadline_exceeded", "The deadline passed"),
+    ]
+}  # fmt: skip
+SEGMENT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": {"type": "object", "required": ["image"],
+                                               "properties": {"image": {"type": "string", "format": "binary"}}}},
+            **{t: {"schema": {"type": "string", "format": "binary"}} for t in sorted(imaging.CONTENT_TYPES)},
+        },
+    }
+}  # fmt: skip
+
+
+def error_response(error: ServiceError) -> JSONResponse:
+    headers = {"Retry-After": str(int(error.retry_after))} if error.retry_after else None
+    return JSONResponse(error.body(), status_code=error.http_status, headers=headers)
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed `limit` (never read whole)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ServiceError("too_large", f"body of {declared} bytes exceeds the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ServiceError("too_large", f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def image_bytes(request: Request, limit: int) -> bytes:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        request._body = await read_limited(request, limit + MULTIPART_OVERHEAD)  # lets form() parse it
+        form = await request.form(max_files=1, max_fields=8)
+        upload = form.get("image")
+        if upload is None or isinstance(upload, str):
+            raise ServiceError("bad_request", "multipart body has no file field named 'image'")
+        data = await upload.read()
+        if len(data) > limit:
+            raise ServiceError("too_large", f"image of {len(data)} bytes exceeds the limit of {limit} bytes")
+        return data
+    if content_type in imaging.CONTENT_TYPES:
+        return await read_limited(request, limit)
+    raise ServiceError("unsupported_media_type",
+                       f"content type {content_type or '(none)'!r} is not supported; send multipart/form-data with "
+                       f"an 'image' field, or a raw body of type {', '.join(sorted(imaging.CONTENT_TYPES))}")  # fmt: skip
+
+
+def api_key_from(x_api_key: str | None, authorization: str | None) -> str | None:
+    if x_api_key:
+        return x_api_key
+    if authorization and authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    return None
+
+
+def timing_headers(served: Served, model: str) -> dict:
+    t = served.timings
+    return {
+        "X-Model": model,
+        "X-Batch-Size": str(served.result.batch_size),
+        "Server-Timing": ", ".join(f"{k};dur={v * 1000:.2f}" for k, v in t.items()),
+    }
+
+
+def create_app(service: SegmentationService) -> FastAPI:
+    app = FastAPI(title="bisenet-serve", version=__version__,
+                  description="Real-time semantic segmentation (BiSeNetV1, Cityscapes train ids 0-18).")  # fmt: skip
+    metrics = service.metrics
+
+    @app.exception_handler(ServiceError)
+    async def on_service_error(request: Request, exc: ServiceError):
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError):
+        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        service.count_rejection(ServiceError("bad_request", detail))
+        return JSONResponse({"error": {"code": "bad_request", "message": detail}}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code)
+
+    @app.post("/segment", summary="Segment one image", openapi_extra=SEGMENT_BODY,
+              responses={200: {"content": {m: {} for m in OUTPUT_MEDIA.values()},
+                               "description": "Labels as a palette PNG (default), overlay JPEG, JSON or raw bytes"},
+                         **ERROR_RESPONSES})  # fmt: skip
+    async def segment(
+        request: Request,
+        model: str | None = Query(None, description="model name, or the aliases 'fast' / 'accurate'"),
+        format: Literal["png", "overlay", "json", "raw"] = Query("png", description="output format"),
+        deadline_ms: int | None = Query(None, ge=1, le=3_600_000, description="answer 504 if not done by then"),
+        x_api_key: str | None = Header(None),
+        authorization: str | None = Header(None),
+    ):
+        start = time.perf_counter()
+        name, status = "none", 500
+        metrics.in_flight.inc()
+        try:
+            service.check_api_key(api_key_from(x_api_key, authorization))
+            name = service.resolve_model(model)
+            data = await image_bytes(request, service.settings.max_image_bytes)
+            served = await service.segment(name, "http", data=data, deadline_ms=deadline_ms)
+            response = await encode_response(service, served, name, format)
+            status = 200
+            return response
+        except ServiceError as exc:
+            status = exc.http_status
+            service.count_rejection(exc)
+            return error_response(exc)
+        finally:
+            metrics.in_flight.dec()
+            elapsed = time.perf_counter() - start
+            if status == 200:
+                metrics.observe_success(name, "http", "200", elapsed)
+            else:
+                metrics.request_duration.labels(name, "http", str(status)).observe(elapsed)
+
+    @app.get("/models", summary="Served models, classes, palette, weights and captured graphs")
+    async def models(x_api_key: str | None = Header(None), authorization: str | None = Header(None)):
+        service.check_api_key(api_key_from(x_api_key, authorization))
+        return {"models": service.models_info(), "default": service.default_model}
+
+    @app.get("/healthz", summary="Liveness")
+    @app.get("/v2/health/live", include_in_schema=False)
+    async def live():
+        return {"live": True}
+
+    @app.get("/readyz", summary="Readiness: every model loaded and warm, not draining")
+    @app.get("/v2/health/ready", include_in_schema=False)
+    async def ready():
+        if service.ready:
+            return {"ready": True}
+        reason = "draining" if service.dispatcher.draining else "models are loading or a worker is restarting"
+        return JSONResponse({"ready": False, "error": {"code": "not_ready", "message": reason}}, status_code=503)
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def prometheus_metrics():
+        _ = service.ready  # refreshes the seg_ready gauge
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def encode_response(service: SegmentationService, served: Served, model: str, fmt: str) -> Response:
+    classes, palette = service.classes_palette(model)
+    labels = served.result.labels
+    start = time.perf_counter()
+    if fmt == "json":
+        body = await service.run_in_pool(imaging.encode_json, labels, model, classes, palette, served.timings)
+    elif fmt == "png":
+        body = await service.run_in_pool(imaging.encode_png, labels, palette)
+    elif fmt == "overlay":
+        body = await service.run_in_pool(imaging.encode_overlay, served.image, labels, palette)
+    else:
+        body = labels.tobytes()
+    served.timings["encode"] = time.perf_counter() - start
+    service.metrics.encode.labels(fmt).observe(served.timings["encode"])
+    headers = timing_headers(served, model)
+    if fmt == "json":
+        body["timings_ms"]["encode"] = round(served.timings["encode"] * 1000, 3)
+        return JSONResponse(body, headers=headers)
+    if fmt == "raw":
+        headers.update({"X-Height": str(labels.shape[0]), "X-Width": str(labels.shape[1])})
+    return Response(body, media_type=OUTPUT_MEDIA[fmt], headers=headers)

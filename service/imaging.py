@@ -1,0 +1,108 @@
+"""Decode and validate uploaded images; encode label maps as PNG, overlay, JSON stats or raw bytes.
+
+Decoding follows mmsegmentation's loader where it matters for labels: EXIF orientation is applied,
+alpha is dropped (not composited), 16-bit images are reduced to 8 bits, CMYK/palette/grayscale
+become RGB.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ServiceError
+
+FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "TIFF", "MPO"}
+CONTENT_TYPES = {"image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff", "image/x-ms-bmp",
+                 "application/octet-stream"}  # fmt: skip
+OUTPUT_FORMATS = ("png", "overlay", "json", "raw")
+
+
+def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
+    """Bytes -> HxWx3 uint8 RGB, refusing non-images (400) and oversized images before decoding (413)."""
+    if not data:
+        raise ServiceError("invalid_image", "empty image: the request carried no bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # lazy: reads the header only
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ServiceError("too_large", f"image is {width}x{height} = {width * height} pixels; "
+                                                f"the limit is {max_pixels} pixels")  # fmt: skip
+            if img.format not in FORMATS:
+                raise ServiceError("invalid_image", f"unsupported image format {img.format}; "
+                                                    f"send JPEG, PNG, WebP, BMP or TIFF")  # fmt: skip
+            img = ImageOps.exif_transpose(img)  # decodes; rotates as mmseg's loader does
+            rgb = _to_rgb(img)
+    except ServiceError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ServiceError("too_large", f"image refused as a decompression bomb: {exc}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ServiceError("invalid_image", f"cannot decode image: {exc}") from None
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ServiceError("invalid_image", "image has zero size")
+    return rgb
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grayscale: keep the high byte, as OpenCV's 8-bit colour loading does.
+        arr = np.asarray(img, dtype=np.uint32) >> 8
+        return np.ascontiguousarray(np.repeat(arr.clip(0, 255).astype(np.uint8)[:, :, None], 3, axis=2))
+    if img.mode == "PA":  # PIL has no direct PA -> RGB
+        img = img.convert("RGBA")
+    if img.mode != "RGB":
+        img = img.convert("RGB")  # drops alpha, as OpenCV's colour loader does
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+
+
+def palette_bytes(palette) -> bytes:
+    flat = [v for colour in palette for v in colour]
+    return bytes(flat + [0] * (768 - len(flat)))
+
+
+def encode_png(labels: np.ndarray, palette) -> bytes:
+    """Palette PNG: pixel values are the train ids, colours are the dataset palette."""
+    img = Image.fromarray(labels, mode="P")
+    img.putpalette(palette_bytes(palette))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)  # fast: label maps compress well anyway
+    return buf.getvalue()
+
+
+def colourise(labels: np.ndarray, palette) -> np.ndarray:
+    lut = np.zeros((256, 3), np.uint8)
+    lut[: len(palette)] = np.asarray(palette, np.uint8)
+    return lut[labels]
+
+
+def encode_overlay(image: np.ndarray, labels: np.ndarray, palette, alpha: float = 0.5, quality: int = 90) -> bytes:
+    """The image blended with the class colours, as JPEG."""
+    blend = (image.astype(np.float32) * (1 - alpha) + colourise(labels, palette) * alpha).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(blend).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def class_stats(labels: np.ndarray, classes) -> list[dict]:
+    counts = np.bincount(labels.ravel(), minlength=len(classes))[: len(classes)]
+    total = max(int(labels.size), 1)
+    return [{"id": i, "name": name, "pixels": int(c), "fraction": round(int(c) / total, 6)}
+            for i, (name, c) in enumerate(zip(classes, counts)) if c]  # fmt: skip
+
+
+def encode_json(labels: np.ndarray, model: str, classes, palette, timings: dict) -> dict:
+    return {
+        "model": model,
+        "height": int(labels.shape[0]),
+        "width": int(labels.shape[1]),
+        "classes": class_stats(labels, classes),
+        "timings_ms": {k: round(v * 1000, 3) for k, v in timings.items()},
+        "labels_png": base64.b64encode(encode_png(labels, palette)).decode("ascii"),
+    }

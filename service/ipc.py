@@ -1,0 +1,134 @@
+"""The worker link's data plane: frames in POSIX shared memory, reused by size.
+
+The front end creates and owns every segment (so they are unlinked when it exits, even after a
+worker crash); the worker maps them by name. A slot holds one request: the front end writes the
+HxWx3 pixels, the worker overwrites the first HxW bytes with the labels once it has read them.
+Only small control tuples travel over the pipe (see worker.py for the message list).
+"""
+
+from __future__ import annotations
+
+import itertools
+import mmap
+import os
+import threading
+from multiprocessing import shared_memory
+
+import numpy as np
+
+from .errors import ServiceError
+
+ALIGN = 64 * 1024
+_names = itertools.count()
+
+
+class Slot:
+    __slots__ = ("shm", "capacity", "name")
+
+    def __init__(self, shm: shared_memory.SharedMemory, capacity: int):
+        self.shm = shm
+        self.capacity = capacity
+        self.name = shm.name
+
+    def write_image(self, image: np.ndarray) -> None:
+        np.frombuffer(self.shm.buf, np.uint8, image.size).reshape(image.shape)[...] = image
+
+    def read_labels(self, height: int, width: int) -> np.ndarray:
+        return np.frombuffer(self.shm.buf, np.uint8, height * width).reshape(height, width).copy()
+
+
+class SlotPool:
+    """Thread-safe pool of shared-memory slots, capped at `budget_bytes` in total.
+
+    A free slot of at least the requested size (and at most twice it) is reused; otherwise a new
+    one is created, unlinking idle ones if the budget requires. `on_forget(name)` is called for
+    each unlinked segment so workers can drop their mappings.
+    """
+
+    def __init__(self, budget_bytes: int, on_forget=None):
+        self.budget_bytes = budget_bytes
+        self.on_forget = on_forget
+        self._lock = threading.Lock()
+        self._free: list[Slot] = []
+        self._all: dict[str, Slot] = {}
+        self.bytes_mapped = 0
+        self.in_use = 0
+
+    def acquire(self, nbytes: int) -> Slot:
+        capacity = -(-nbytes // ALIGN) * ALIGN
+        forgotten = []
+        with self._lock:
+            for slot in sorted(self._free, key=lambda s: s.capacity):
+                if capacity <= slot.capacity <= 2 * capacity:
+                    self._free.remove(slot)
+                    self.in_use += 1
+                    return slot
+            while self.bytes_mapped + capacity > self.budget_bytes and self._free:
+                victim = max(self._free, key=lambda s: s.capacity)
+                self._free.remove(victim)
+                forgotten.append(self._destroy(victim))
+            if self.bytes_mapped + capacity > self.budget_bytes:
+                raise ServiceError("queue_full", "frame memory is exhausted; retry shortly", retry_after=1)
+            name = f"bisenet_{os.getpid()}_{next(_names)}"
+            slot = Slot(shared_memory.SharedMemory(name=name, create=True, size=capacity), capacity)
+            self._all[slot.name] = slot
+            self.bytes_mapped += capacity
+            self.in_use += 1
+        for name in forgotten:
+            self._notify(name)
+        return slot
+
+    def release(self, slot: Slot) -> None:
+        with self._lock:
+            if slot.name in self._all:
+                self._free.append(slot)
+                self.in_use -= 1
+
+    def _destroy(self, slot: Slot) -> str:
+        del self._all[slot.name]
+        self.bytes_mapped -= slot.capacity
+        slot.shm.close()
+        slot.shm.unlink()
+        return slot.name
+
+    def _notify(self, name: str) -> None:
+        if self.on_forget:
+            self.on_forget(name)
+
+    def close(self) -> None:
+        with self._lock:
+            for slot in list(self._all.values()):
+                try:
+                    self._destroy(slot)
+                except (FileNotFoundError, BufferError):
+                    pass
+            self._free.clear()
+            self.in_use = 0
+
+
+class SlotMaps:
+    """Worker side: segments mapped by name (Linux /dev/shm), without the resource tracker, whose
+    bookkeeping belongs to the front end that created them."""
+
+    def __init__(self, root: str = "/dev/shm"):
+        self.root = root
+        self._maps: dict[str, mmap.mmap] = {}
+
+    def view(self, name: str, nbytes: int) -> np.ndarray:
+        mm = self._maps.get(name)
+        if mm is None:
+            fd = os.open(os.path.join(self.root, name), os.O_RDWR)
+            try:
+                mm = mmap.mmap(fd, 0)
+            finally:
+                os.close(fd)
+            self._maps[name] = mm
+        return np.frombuffer(mm, np.uint8, nbytes)
+
+    def forget(self, name: str) -> None:
+        mm = self._maps.pop(name, None)
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:  # a view is still alive; the mapping goes with it
+                pass

@@ -1,0 +1,73 @@
+"""Every Prometheus metric of the service, defined once, in the front end's single registry.
+
+Units are seconds; histogram buckets are multiples of the frame budget (1 / target fps) so that
+one bucket edge is exactly the budget. Labels carry no per-request or per-stream values.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+
+BUDGET_MULTIPLES = (0.03, 0.075, 0.15, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 7.5, 15.0, 30.0, 75.0, 150.0, 300.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+
+class Metrics:
+    def __init__(self, budget_seconds: float, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        if registry is None:
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+        r = self.registry
+        buckets = tuple(round(budget_seconds * m, 6) for m in BUDGET_MULTIPLES)
+        self.budget_seconds = budget_seconds
+
+        def hist(name, doc, labels):
+            return Histogram(name, doc, labels, buckets=buckets, registry=r)
+
+        self.request_duration = hist("seg_request_duration_seconds",
+                                     "End-to-end request time in the front end (decode to encoded reply)",
+                                     ["model", "protocol", "code"])  # fmt: skip
+        self.decode = hist("seg_decode_seconds", "Image decode and validation time", ["protocol"])
+        self.queue_wait = hist("seg_queue_wait_seconds", "Time from admission to the start of its batch", ["model"])
+        self.inference = hist("seg_inference_seconds", "Worker time for the batch that served a request", ["model"])
+        self.encode = hist("seg_encode_seconds", "Result encoding time", ["format"])
+        self.batch_size = Histogram("seg_batch_size", "Requests per executed batch", ["model"],
+                                    buckets=BATCH_BUCKETS, registry=r)  # fmt: skip
+        self.queue_depth = Gauge("seg_queue_depth", "Requests admitted and not yet answered", ["model"], registry=r)
+        self.in_flight = Gauge("seg_requests_in_flight", "Requests being handled by the front end", registry=r)
+        self.target = Gauge("seg_realtime_target_seconds", "Frame budget: 1 / target fps", registry=r)
+        self.target.set(budget_seconds)
+        self.over_budget = Counter("seg_requests_over_budget", "Successful requests slower than the frame budget",
+                                   ["model", "protocol"], registry=r)  # fmt: skip
+        self.rejected = Counter("seg_requests_rejected", "Requests refused, by reason", ["reason"], registry=r)
+        self.graph_replays = Counter("seg_cuda_graph_replays", "Batches run by CUDA-graph replay", ["model"],
+                                     registry=r)  # fmt: skip
+        self.graph_misses = Counter("seg_cuda_graph_misses", "Batches run eagerly although graphs are enabled",
+                                    ["model"], registry=r)  # fmt: skip
+        self.worker_restarts = Counter("seg_worker_restarts", "Worker processes restarted after dying", ["device"],
+                                       registry=r)  # fmt: skip
+        self.device_memory = Gauge("seg_device_memory_bytes", "Device memory held by the worker", ["device", "kind"],
+                                   registry=r)  # fmt: skip
+        self.ready = Gauge("seg_ready", "1 when every model is loaded and warm and the service takes work", registry=r)
+        self.frames_dropped = Counter("seg_stream_frames_dropped", "Stream frames dropped to keep latency bounded",
+                                      ["model"], registry=r)  # fmt: skip
+        self.streams_active = Gauge("seg_streams_active", "Open streaming calls", registry=r)
+        self.shm_slots = Gauge("seg_shm_slots_in_use", "Shared-memory frame slots holding a request", registry=r)
+        self.shm_bytes = Gauge("seg_shm_bytes", "Shared memory mapped for frame slots", registry=r)
+
+    def observe_success(self, model: str, protocol: str, code: str, seconds: float) -> None:
+        self.request_duration.labels(model, protocol, code).observe(seconds)
+        if seconds > self.budget_seconds:
+            self.over_budget.labels(model, protocol).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

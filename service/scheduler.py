@@ -1,0 +1,82 @@
+"""Batching policy of the worker: dynamic batches of same-model, same-shape requests.
+
+- Requests are grouped by (model, height, width): only those can share a batch (and a graph).
+- Urgency is the request's deadline, or arrival + the frame budget when it has none; the group
+  holding the most urgent request that is due runs first (earliest deadline first).
+- A group is due when it holds `max_batch` requests, when its oldest request has waited
+  `max_delay`, or when its most urgent deadline would pass by waiting longer.
+- Requests whose deadline has passed are handed back as expired, never computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Job:
+    id: int
+    model: str
+    slot: str
+    height: int
+    width: int
+    deadline: float | None  # time.monotonic() value, shared by the processes of one machine
+    arrival: float
+    urgency: float = field(default=0.0, compare=False)
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return self.model, self.height, self.width
+
+
+class BatchScheduler:
+    def __init__(self, max_batch: int, max_delay: float, default_budget: float):
+        self.max_batch = max_batch
+        self.max_delay = max_delay
+        self.default_budget = default_budget
+        self._groups: dict[tuple[str, int, int], list[Job]] = {}
+        self._where: dict[int, tuple[str, int, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def add(self, job: Job) -> None:
+        job.urgency = job.deadline if job.deadline is not None else job.arrival + self.default_budget
+        self._groups.setdefault(job.key, []).append(job)
+        self._where[job.id] = job.key
+
+    def cancel(self, job_id: int) -> Job | None:
+        key = self._where.pop(job_id, None)
+        if key is None:
+            return None
+        group = self._groups[key]
+        job = next(j for j in group if j.id == job_id)
+        group.remove(job)
+        if not group:
+            del self._groups[key]
+        return job
+
+    def expire(self, now: float) -> list[Job]:
+        expired = [j for group in self._groups.values() for j in group if j.deadline is not None and j.deadline <= now]
+        for job in expired:
+            self.cancel(job.id)
+        return expired
+
+    def next_batch(self, now: float) -> tuple[list[Job] | None, float | None]:
+        """(batch to run now, None) or (None, seconds to wait; None = until a request arrives)."""
+        best_key, best_urgency, wake = None, None, None
+        for key, group in self._groups.items():
+            urgency = min(j.urgency for j in group)
+            due_at = min(min(j.arrival for j in group) + self.max_delay, urgency - self.max_delay)
+            if len(group) >= self.max_batch or due_at <= now:
+                if best_urgency is None or urgency < best_urgency:
+                    best_key, best_urgency = key, urgency
+            else:
+                wake = due_at if wake is None else min(wake, due_at)
+        if best_key is None:
+            return None, None if wake is None else max(wake - now, 0.0)
+        group = sorted(self._groups[best_key], key=lambda j: j.urgency)
+        batch = group[: self.max_batch]
+        for job in batch:
+            self.cancel(job.id)
+        return batch, None
