@@ -1,0 +1,229 @@
+"""Load generator: closed-loop concurrency sweep and open-loop Poisson rate sweep over REST,
+next to the raw engine throughput measured in the same run (the serving overhead).
+
+    python -m service.bench --spawn "--model bisenetv1_r18=random --device cpu" --size 512x1024
+    python -m service.bench --url http://localhost:8000 --concurrency 1,8,32 --rates 10,30,60
+
+Every sweep level is bounded by --requests and --seconds. Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import random
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+from PIL import Image
+
+
+@dataclass
+class Level:
+    mode: str
+    load: str
+    sent: int
+    ok: int
+    errors: int
+    seconds: float
+    latencies: list[float]
+
+    @property
+    def throughput(self) -> float:
+        return self.ok / self.seconds if self.seconds else 0.0
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q)) if self.latencies else float("nan")
+
+    def within(self, budget: float) -> float:
+        return float(np.mean(np.asarray(self.latencies) <= budget)) if self.latencies else 0.0
+
+
+def test_image(size: tuple[int, int], path: str | None) -> bytes:
+    """A JPEG at `size`: the given photo resized, or scikit-image's street-like 'coffee' photo tiled."""
+    if path:
+        img = Image.open(path).convert("RGB")
+    else:
+        try:
+            from skimage import data
+
+            img = Image.fromarray(data.coffee())
+        except ImportError:
+            img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 600, 3), np.uint8))
+    img = img.resize((size[1], size[0]), Image.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+async def _one(client: httpx.AsyncClient, body: bytes, params: dict, level: Level) -> None:
+    start = time.perf_counter()
+    try:
+        r = await client.post("/segment", content=body, params=params, headers={"Content-Type": "image/jpeg"})
+        ok = r.status_code == 200
+    except httpx.HTTPError:
+        ok = False
+    level.sent += 1
+    if ok:
+        level.ok += 1
+        level.latencies.append(time.perf_counter() - start)
+    else:
+        level.errors += 1
+
+
+async def closed_loop(client, body, params, concurrency: int, requests: int, seconds: float) -> Level:
+    level = Level("closed", f"c={concurrency}", 0, 0, 0, 0.0, [])
+    remaining = [requests]
+    end = time.perf_counter() + seconds
+
+    async def user():
+        while remaining[0] > 0 and time.perf_counter() < end:
+            remaining[0] -= 1
+            await _one(client, body, params, level)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(user() for _ in range(concurrency)))
+    level.seconds = time.perf_counter() - start
+    return level
+
+
+async def open_loop(client, body, params, rate: float, requests: int, seconds: float, seed: int = 0) -> Level:
+    """Poisson arrivals at `rate`/s regardless of responses: shows queueing that closed loops hide."""
+    level = Level("poisson", f"{rate:g}/s", 0, 0, 0, 0.0, [])
+    rng = random.Random(seed)
+    tasks = []
+    start = time.perf_counter()
+    next_at = start
+    while len(tasks) < requests and next_at - start < seconds:
+        await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+        tasks.append(asyncio.create_task(_one(client, body, params, level)))
+        next_at += rng.expovariate(rate)
+    await asyncio.gather(*tasks)
+    level.seconds = time.perf_counter() - start
+    return level
+
+
+def raw_engine(model: str, weights: str, device: str, size: tuple[int, int], batch: int, seconds: float) -> float:
+    """Images/s of the worker's engine alone (same weights, device, batch), in this process."""
+    import torch
+
+    from model import Segmenter
+
+    torch.manual_seed(0)
+    seg = Segmenter(model, weights=weights, device=device)
+    image = np.asarray(Image.open(io.BytesIO(test_image(size, None))).convert("RGB"))
+    batch_images = np.stack([image] * batch)
+    seg.engine.warmup([size], (batch,))
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or done == 0:
+        seg.engine.segment(batch_images)
+        done += batch
+    return done / (time.perf_counter() - start)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_service(extra_args: str, timeout: float = 600.0) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--http-port", str(port), "--grpc-port", "0",
+           *shlex.split(extra_args)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"service exited with {proc.returncode}: {' '.join(cmd)}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("service did not become ready")
+
+
+def print_table(levels: list[Level], budget: float, raw: float, device: str) -> None:
+    print(f"\nraw engine: {raw:.2f} images/s on {device}; budget {budget * 1000:.1f} ms\n")
+    print("| mode | load | ok/sent | images/s | vs raw | p50 ms | p90 ms | p99 ms | within budget |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for lv in levels:
+        print(f"| {lv.mode} | {lv.load} | {lv.ok}/{lv.sent} | {lv.throughput:.2f} | {lv.throughput / raw:.0%} | "
+              f"{lv.percentile(50) * 1000:.1f} | {lv.percentile(90) * 1000:.1f} | {lv.percentile(99) * 1000:.1f} | "
+              f"{lv.within(budget):.0%} |")  # fmt: skip
+
+
+async def run(args) -> list[Level]:
+    size = tuple(int(v) for v in args.size.lower().split("x"))
+    body = test_image(size, args.image)
+    params = {"format": args.format, **({"model": args.model} if args.model else {})}
+    headers = {"X-API-Key": args.api_key} if args.api_key else {}
+    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=1024)
+    levels = []
+    async with httpx.AsyncClient(base_url=args.url, timeout=300, limits=limits, headers=headers) as client:
+        await closed_loop(client, body, params, 1, args.warmup, 300)  # warm-up, not reported
+        for c in [int(v) for v in args.concurrency.split(",") if v]:
+            levels.append(await closed_loop(client, body, params, c, args.requests, args.seconds))
+        for rate in [float(v) for v in args.rates.split(",") if v]:
+            levels.append(await open_loop(client, body, params, rate, args.requests, args.seconds))
+    return levels
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m service.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--spawn", metavar="ARGS", help="start `python -m service ARGS` on free ports for the run")
+    p.add_argument("--model", default=None, help="model to request (default: the service's first)")
+    p.add_argument("--raw-model", default="bisenetv1_r18", help="architecture for the raw engine measurement")
+    p.add_argument("--raw-weights", default="random", help="weights for the raw engine (speed does not depend on them)")
+    p.add_argument("--device", default="cuda" if _has_cuda() else "cpu", help="device for the raw engine")
+    p.add_argument("--raw-batch", type=int, default=1, help="batch size for the raw engine measurement")
+    p.add_argument("--size", default="512x1024", help="HxW of the JPEG sent")
+    p.add_argument("--image", help="a photo to send instead of the built-in one")
+    p.add_argument("--format", default="png", choices=["png", "raw", "json", "overlay"])
+    p.add_argument("--concurrency", default="1,8")
+    p.add_argument("--rates", default="", help="Poisson arrival rates per second, comma-separated")
+    p.add_argument("--requests", type=int, default=32, help="requests per level at most")
+    p.add_argument("--seconds", type=float, default=60, help="seconds per level at most")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--target-fps", type=float, default=30.0)
+    p.add_argument("--api-key", default=os.environ.get("BISENET_API_KEY"))
+    args = p.parse_args(argv)
+    size = tuple(int(v) for v in args.size.lower().split("x"))
+    proc = None
+    if args.spawn:
+        proc, args.url = spawn_service(args.spawn)
+    try:
+        raw = raw_engine(args.raw_model, args.raw_weights, args.device, size, args.raw_batch, min(args.seconds, 20))
+        levels = asyncio.run(run(args))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(60)
+    print_table(levels, 1 / args.target_fps, raw, args.device)
+    return 0
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
