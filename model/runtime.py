@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .transforms import logits_to_labels, normalise, test_size
+from .transforms import TEST_SCALE, logits_to_labels, normalise, test_size
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ class SegmentationEngine:
         buckets: tuple[int, ...] = DEFAULT_BUCKETS,
         max_graph_shapes: int = 8,
         lazy_capture_after: int = 3,
+        scale: tuple[int, int] = TEST_SCALE,
     ):
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -113,6 +114,7 @@ class SegmentationEngine:
         self.buckets = tuple(sorted(set(buckets)))
         self.max_graph_shapes = max_graph_shapes
         self.lazy_capture_after = lazy_capture_after
+        self.scale = tuple(scale)  # mmseg Resize scale: long edge <= max, short edge <= min
         net = fold_batchnorm(net) if fold_bn else copy.deepcopy(net).eval()
         net = net.to(self.device, self.dtype)
         if self.channels_last:
@@ -134,7 +136,7 @@ class SegmentationEngine:
     # -- the computation ---------------------------------------------------------------------
     def _pipeline(self, images: torch.Tensor) -> torch.Tensor:
         height, width = images.shape[1:3]
-        size = test_size(height, width)
+        size = test_size(height, width, self.scale)
         x = normalise(images, size, self.dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -143,7 +145,7 @@ class SegmentationEngine:
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Decode-head logits for a uint8 NHWC batch (eager; for parity checks and TTA)."""
         with torch.inference_mode():
-            size = test_size(*images.shape[1:3])
+            size = test_size(*images.shape[1:3], self.scale)
             return self.net(normalise(images.to(self.device), size, self.dtype)).float()
 
     # -- public API --------------------------------------------------------------------------
@@ -162,6 +164,8 @@ class SegmentationEngine:
                 self._graphs.move_to_end(key)
                 return self._replay(key, bucket, images)
             self.misses += 1
+        if isinstance(images, np.ndarray) and not images.flags.writeable:
+            images = images.copy()  # torch refuses to wrap read-only memory (e.g. np.asarray of a PIL image)
         tensor = torch.as_tensor(images)
         with torch.inference_mode():
             return self._pipeline(tensor.to(self.device, non_blocking=True)).cpu().numpy()

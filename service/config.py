@@ -36,6 +36,7 @@ class Settings:
     max_delay_ms: float = 5.0
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8)
     warm_shapes: tuple[tuple[int, int], ...] = ((1024, 2048),)
+    resize_scale: tuple[int, int] = (2048, 1024)
     target_fps: float = 30.0
     max_queue: int = 64
     max_image_bytes: int = 20 * 1024 * 1024
@@ -48,6 +49,7 @@ class Settings:
     decode_threads: int = field(default_factory=lambda: max(2, min(8, os.cpu_count() or 2)))
     tls_cert: str | None = None
     tls_key: str | None = None
+    stream_idle_seconds: float = 300.0  # a gRPC stream with no frame for this long is ended (0: never)
 
     @property
     def budget_seconds(self) -> float:
@@ -119,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warm-shapes", default=_env("WARM_SHAPES", "1024x2048"),
                    help="HxW shapes captured/warmed before ready, comma-separated; 'none' for none "
                         "[BISENET_WARM_SHAPES]")
+    p.add_argument("--resize-scale", default=_env("RESIZE_SCALE", "2048x1024"),
+                   help="test-time resize as mmseg's Resize(scale): long edge to at most the larger number, short "
+                        "edge to at most the smaller (keep the default for the Cityscapes models) "
+                        "[BISENET_RESIZE_SCALE]")
     p.add_argument("--target-fps", default=_env("TARGET_FPS", d.target_fps),
                    help="real-time target; the frame budget is 1/fps [BISENET_TARGET_FPS]")
     p.add_argument("--max-queue", default=_env("MAX_QUEUE", d.max_queue),
@@ -137,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default=_env("LOG_LEVEL", d.log_level), help="[BISENET_LOG_LEVEL]")
     p.add_argument("--tls-cert", default=_env("TLS_CERT", None), help="PEM certificate for gRPC TLS [BISENET_TLS_CERT]")
     p.add_argument("--tls-key", default=_env("TLS_KEY", None), help="PEM key for gRPC TLS [BISENET_TLS_KEY]")
+    p.add_argument("--stream-idle-seconds", default=_env("STREAM_IDLE_SECONDS", d.stream_idle_seconds),
+                   help="end a gRPC stream that sends no frame for this long; 0: never [BISENET_STREAM_IDLE_SECONDS]")
     return p  # fmt: skip
 
 
@@ -188,6 +196,7 @@ def load_settings(argv: list[str] | None = None) -> Settings:
         max_delay_ms=_number(args.max_delay_ms, "max-delay-ms", float, minimum=0),
         batch_buckets=tuple(b for b in buckets if b <= max_batch),
         warm_shapes=warm_shapes,
+        resize_scale=parse_shape(args.resize_scale),
         target_fps=_number(args.target_fps, "target-fps", float, minimum=0.1),
         max_queue=_number(args.max_queue, "max-queue", minimum=1),
         max_image_bytes=_number(args.max_image_bytes, "max-image-bytes", minimum=1),
@@ -199,4 +208,5 @@ def load_settings(argv: list[str] | None = None) -> Settings:
         log_level=args.log_level.lower(),
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        stream_idle_seconds=_number(args.stream_idle_seconds, "stream-idle-seconds", float, minimum=0),
     )

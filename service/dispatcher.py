@@ -213,7 +213,8 @@ class Dispatcher:
         for device in self._devices:
             config = WorkerConfig(device=device, models=tuple(self._model_weights.items()), dtype=s.dtype,
                                   buckets=s.batch_buckets, max_batch=s.max_batch, max_delay=s.max_delay_ms / 1000,
-                                  budget=s.budget_seconds, warm_shapes=s.warm_shapes, log_level=s.log_level)  # fmt: skip
+                                  budget=s.budget_seconds, warm_shapes=s.warm_shapes, resize_scale=s.resize_scale,
+                                  log_level=s.log_level)  # fmt: skip
             link = WorkerLink(device, config, self)
             self.links.append(link)
             await link.start()

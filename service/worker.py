@@ -35,6 +35,7 @@ class WorkerConfig:
     max_delay: float
     budget: float
     warm_shapes: tuple[tuple[int, int], ...]
+    resize_scale: tuple[int, int] = (2048, 1024)
     log_level: str = "info"
 
 
@@ -72,7 +73,7 @@ class Worker:
         for name, weights in self.config.models:
             torch.manual_seed(0)  # 'random' weights are the same in every worker and restart
             seg = Segmenter(name, weights=weights, device=self.config.device, dtype=self.config.dtype,
-                            buckets=self.config.buckets)  # fmt: skip
+                            buckets=self.config.buckets, scale=self.config.resize_scale)  # fmt: skip
             start = time.perf_counter()
             seg.engine.warmup(list(self.config.warm_shapes) or [(64, 64)], self.config.buckets)
             self.models[name] = seg
