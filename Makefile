@@ -30,6 +30,9 @@ lint: venv
 format: venv
 	$(PY) -m ruff format .
 
+proto: venv
+	$(PY) proto/generate.py
+
 bench: venv
 	$(PY) -m model.bench
 

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for proto/segmentation.proto (make proto); do not edit."""
