@@ -1,0 +1,377 @@
+"""gRPC front door (grpc.aio, on the same event loop as FastAPI): Segment, StreamSegment, ListModels,
+plus grpc.health.v1 and server reflection.
+
+Shares everything with REST through SegmentationService: admission, limits, the worker link and
+metrics. Metrics use protocol="grpc" for unary calls and "grpc_stream" for stream frames; the
+request-duration `code` label is the gRPC status name (OK, INVALID_ARGUMENT, ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from . import imaging
+from .config import Settings
+from .core import SegmentationService, Served
+from .dispatcher import WorkerLink
+from .errors import ServiceError
+from .http_api import api_key_from
+from .proto import segmentation_pb2 as pb
+from .proto import segmentation_pb2_grpc as pb_grpc
+from .streaming import DEFAULT_MAX_IN_FLIGHT, MAX_IN_FLIGHT_LIMIT, OrderedStream, StreamIdle
+
+log = logging.getLogger("service.grpc")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Segmentation"].full_name
+MESSAGE_HEADROOM = 64 * 1024  # the fields around the image bytes
+HEALTH_POLL_SECONDS = 0.25
+FORMAT_LABEL = {pb.LABELS_PNG: "png", pb.LABELS_RAW: "raw", pb.OVERLAY_JPEG: "overlay", pb.STATS_ONLY: "stats"}
+POLICY_NAME = {pb.DROP_POLICY_LATEST: "latest", pb.DROP_POLICY_BLOCK: "block"}
+
+
+def message_limit(settings: Settings) -> int:
+    """Largest message either way: an encoded image up to the REST limit, or a raw frame of max_pixels."""
+    return max(settings.max_image_bytes, settings.max_pixels * 3) + MESSAGE_HEADROOM
+
+
+def status_of(error: ServiceError) -> grpc.StatusCode:
+    return grpc.StatusCode[error.grpc_status]
+
+
+def trailers_of(error: ServiceError) -> tuple:
+    trailers = [("error-code", error.code)]
+    if error.retry_after:
+        trailers.append(("retry-after", str(math.ceil(error.retry_after))))
+    return tuple(trailers)
+
+
+def image_input(request: pb.SegmentRequest, settings: Settings) -> dict:
+    """The request's image as keyword arguments for SegmentationService.segment (data= or rgb=)."""
+    kind = request.WhichOneof("image")
+    if kind == "encoded":
+        if len(request.encoded) > settings.max_image_bytes:
+            raise ServiceError("too_large", f"image of {len(request.encoded)} bytes exceeds the limit of "
+                                            f"{settings.max_image_bytes} bytes")  # fmt: skip
+        return {"data": request.encoded}
+    if kind == "raw":
+        h, w, rgb = request.raw.height, request.raw.width, request.raw.rgb
+        if h == 0 or w == 0:
+            raise ServiceError("invalid_image", f"raw frame has zero size ({h}x{w})")
+        if h * w > settings.max_pixels:
+            raise ServiceError("too_large", f"raw frame is {h}x{w} = {h * w} pixels; the limit is "
+                                            f"{settings.max_pixels} pixels")  # fmt: skip
+        if len(rgb) != h * w * 3:
+            raise ServiceError("invalid_image", f"raw frame carries {len(rgb)} bytes; {h}x{w}x3 needs {h * w * 3}")
+        return {"rgb": np.frombuffer(rgb, np.uint8).reshape(h, w, 3)}
+    raise ServiceError("invalid_image", "the request carries no image: set `encoded` or `raw`")
+
+
+def effective_deadline_ms(request_ms: int, remaining_s: float | None) -> int | None:
+    """The tighter of the request's deadline_ms and the call's gRPC deadline."""
+    limits = [request_ms] if request_ms else []
+    if remaining_s is not None and remaining_s < 1e6:
+        limits.append(max(1, int(remaining_s * 1000)))
+    return min(limits) if limits else None
+
+
+def encode_result(fmt: int, labels: np.ndarray, image: np.ndarray | None, palette, n_classes: int):
+    """(labels field bytes, per-class pixel counts); runs in the codec pool."""
+    if fmt == pb.LABELS_PNG:
+        body = imaging.encode_png(labels, palette)
+    elif fmt == pb.LABELS_RAW:
+        body = labels.tobytes()
+    elif fmt == pb.OVERLAY_JPEG:
+        body = imaging.encode_overlay(image, labels, palette)
+    else:
+        body = b""
+    counts = np.bincount(labels.ravel(), minlength=n_classes)[:n_classes]
+    return body, counts.tolist()
+
+
+@dataclass
+class Frame:
+    request: pb.SegmentRequest
+    received: float  # time.perf_counter() when the server read it
+
+
+class SegmentationServicer(pb_grpc.SegmentationServicer):
+    def __init__(self, service: SegmentationService, settings: Settings):
+        self.service = service
+        self.settings = settings
+        self.metrics = service.metrics
+
+    # -- shared pieces ---------------------------------------------------------------------------
+    def authorize(self, context: grpc.aio.ServicerContext) -> dict:
+        metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        self.service.check_api_key(api_key_from(metadata.get("x-api-key"), metadata.get("authorization")))
+        return metadata
+
+    async def fail(self, context: grpc.aio.ServicerContext, error: ServiceError) -> None:
+        self.service.count_rejection(error)
+        await context.abort(status_of(error), error.message, trailing_metadata=trailers_of(error))
+
+    async def serve(self, request: pb.SegmentRequest, model: str, protocol: str, deadline_ms: int | None,
+                    link: WorkerLink | None = None) -> pb.SegmentResponse:  # fmt: skip
+        served: Served = await self.service.segment(model, protocol, deadline_ms=deadline_ms, link=link,
+                                                    **image_input(request, self.settings))  # fmt: skip
+        classes, palette = self.service.classes_palette(model)
+        labels = served.result.labels
+        start = time.perf_counter()
+        body, counts = await self.service.run_in_pool(encode_result, request.format, labels, served.image, palette,
+                                                      len(classes))  # fmt: skip
+        encode_s = time.perf_counter() - start
+        self.metrics.encode.labels(FORMAT_LABEL.get(request.format, "png")).observe(encode_s)
+        t = served.timings
+        return pb.SegmentResponse(
+            frame_id=request.frame_id, model=model, height=labels.shape[0], width=labels.shape[1],
+            format=request.format, labels=body, class_pixels=counts, batch_size=served.result.batch_size,
+            timings=pb.Timings(decode_ms=t.get("decode", 0) * 1000, queue_ms=t.get("queue", 0) * 1000,
+                               inference_ms=t.get("inference", 0) * 1000, encode_ms=encode_s * 1000),
+        )  # fmt: skip
+
+    def observe(self, model: str, protocol: str, code: str, started: float) -> float:
+        elapsed = time.perf_counter() - started
+        if code == "OK":
+            self.metrics.observe_success(model, protocol, code, elapsed)
+        else:
+            self.metrics.request_duration.labels(model, protocol, code).observe(elapsed)
+        return elapsed
+
+    # -- unary -----------------------------------------------------------------------------------
+    async def Segment(self, request: pb.SegmentRequest, context: grpc.aio.ServicerContext) -> pb.SegmentResponse:
+        started = time.perf_counter()
+        model, code = "none", "INTERNAL"
+        self.metrics.in_flight.inc()
+        try:
+            self.authorize(context)
+            model = self.service.resolve_model(request.model)
+            deadline_ms = effective_deadline_ms(request.deadline_ms, context.time_remaining())
+            response = await self.serve(request, model, "grpc", deadline_ms)
+            code = "OK"
+            response.timings.total_ms = (time.perf_counter() - started) * 1000
+            return response
+        except ServiceError as exc:
+            code = exc.grpc_status
+            await self.fail(context, exc)
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        finally:
+            self.metrics.in_flight.dec()
+            self.observe(model, "grpc", code, started)
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):
+        try:
+            self.authorize(context)
+        except ServiceError as exc:
+            await self.fail(context, exc)
+        models = []
+        for info in self.service.models_info():
+            models.append(pb.ModelInfo(
+                name=info["name"], arch=info["arch"], weights=str(info["weights"] or ""), classes=info["classes"],
+                palette=[pb.Colour(r=c[0], g=c[1], b=c[2]) for c in info["palette"]], ready=info["ready"],
+                dtype=info["dtype"] or "", cuda_graphs=bool(info["cuda_graphs"]),
+                published_miou=info["published_miou"] or 0.0,
+            ))  # fmt: skip
+        return pb.ListModelsResponse(models=models, default_model=self.service.default_model)
+
+    # -- streaming -------------------------------------------------------------------------------
+    async def StreamSegment(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+        self.metrics.streams_active.inc()
+        try:
+            await self._stream(request_iterator, context)
+        except ServiceError as exc:
+            await self.fail(context, exc)
+        except StreamIdle as exc:
+            self.metrics.rejected.labels("stream_idle").inc()
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{exc} (--stream-idle-seconds)")
+        finally:
+            self.metrics.streams_active.dec()
+
+    async def _stream(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+        metadata = self.authorize(context)
+        policy, limit = stream_options(metadata)
+        idle = self.settings.stream_idle_seconds or None
+        requests = aiter(request_iterator)
+        try:
+            first = await asyncio.wait_for(anext(requests), idle)
+        except StopAsyncIteration:
+            return  # the client closed without sending a frame
+        except TimeoutError:
+            raise StreamIdle(f"no frame for {idle:g} s") from None
+        model = self.service.resolve_model(first.model)
+        policy, limit = first_message_options(first, policy, limit)
+        if not self.service.ready:
+            raise ServiceError("not_ready", "the service is not ready or is draining", retry_after=1)
+        link = self.service.dispatcher.pick_link()  # the stream sticks to this worker: one queue, one order
+        log.debug("stream: model %s, policy %s, %d in flight, worker %s", model, policy, limit, link.device)
+
+        frames = OrderedStream(self._frames(first, requests, model), lambda f: self._serve_frame(f, model, link),
+                               policy=policy, max_in_flight=limit, idle_timeout=idle,
+                               on_drop=lambda _: self.metrics.frames_dropped.labels(model).inc())  # fmt: skip
+        async with contextlib.aclosing(aiter(frames)) as outcomes:
+            async for outcome in outcomes:
+                if outcome.error is not None:
+                    raise outcome.error  # only fatal errors leave _serve_frame
+                response = outcome.result
+                if outcome.dropped:
+                    response.frames_dropped = len(outcome.dropped)
+                    response.dropped_frame_ids.extend(f.request.frame_id for f in outcome.dropped)
+                await context.write(response)
+
+    async def _frames(self, first: pb.SegmentRequest, requests: AsyncIterator, model: str) -> AsyncIterator[Frame]:
+        yield Frame(first, time.perf_counter())
+        async for request in requests:
+            if request.model and self.service.resolve_model(request.model) != model:
+                raise ServiceError("bad_request", f"this stream serves {model}; frame {request.frame_id} asks for "
+                                                  f"{request.model!r} (open another stream)")  # fmt: skip
+            yield Frame(request, time.perf_counter())
+
+    async def _serve_frame(self, frame: Frame, model: str, link: WorkerLink) -> pb.SegmentResponse:
+        """One frame's response; a frame's own problem becomes its `error`, the stream goes on.
+        Raises only what must end the stream (the service is draining)."""
+        request = frame.request
+        code = "INTERNAL"
+        self.metrics.in_flight.inc()
+        try:
+            response = await self.serve(request, model, "grpc_stream", request.deadline_ms or None, link)
+            code = "OK"
+        except ServiceError as exc:
+            code = exc.grpc_status
+            self.service.count_rejection(exc)
+            if exc.code == "not_ready" and self.service.dispatcher.draining:
+                raise
+            response = pb.SegmentResponse(frame_id=request.frame_id, model=model, format=request.format,
+                                          error=frame_error(exc))  # fmt: skip
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception as exc:  # noqa: BLE001 - one frame's bug must not end a video stream
+            log.exception("stream frame %d failed", request.frame_id)
+            error = ServiceError("internal", f"{type(exc).__name__}: {exc}")
+            self.service.count_rejection(error)
+            response = pb.SegmentResponse(frame_id=request.frame_id, model=model, error=frame_error(error))
+        finally:
+            self.metrics.in_flight.dec()
+            elapsed = self.observe(model, "grpc_stream", code, frame.received)
+        response.timings.total_ms = elapsed * 1000
+        return response
+
+
+def frame_error(error: ServiceError) -> pb.FrameError:
+    return pb.FrameError(code=error.code, message=error.message, status=status_of(error).value[0],
+                         retry_after_ms=int((error.retry_after or 0) * 1000))  # fmt: skip
+
+
+def stream_options(metadata: dict) -> tuple[str | None, int | None]:
+    """Drop policy and in-flight bound from the call metadata (None: not given)."""
+    policy = metadata.get("drop-policy")
+    if policy is not None and policy.strip().lower() not in ("latest", "block"):
+        raise ServiceError("bad_request", f"metadata drop-policy must be 'latest' or 'block', not {policy!r}")
+    limit = metadata.get("max-in-flight")
+    if limit is not None:
+        if not limit.strip().isdigit() or not 1 <= int(limit) <= MAX_IN_FLIGHT_LIMIT:
+            raise ServiceError("bad_request", f"metadata max-in-flight must be 1..{MAX_IN_FLIGHT_LIMIT}, not {limit!r}")
+        limit = int(limit)
+    return (policy.strip().lower() if policy else None), limit
+
+
+def first_message_options(first: pb.SegmentRequest, policy: str | None, limit: int | None) -> tuple[str, int]:
+    """Merge the first message's drop_policy / max_in_flight with the metadata; a conflict is an error."""
+    if first.drop_policy not in (pb.DROP_POLICY_UNSPECIFIED, *POLICY_NAME):
+        raise ServiceError("bad_request", f"unknown drop_policy {first.drop_policy}")
+    field_policy = POLICY_NAME.get(first.drop_policy)
+    if field_policy and policy and field_policy != policy:
+        raise ServiceError("bad_request", f"metadata drop-policy {policy!r} contradicts the first message's "
+                                          f"drop_policy {field_policy!r}")  # fmt: skip
+    if first.max_in_flight > MAX_IN_FLIGHT_LIMIT:
+        raise ServiceError("bad_request", f"max_in_flight must be 1..{MAX_IN_FLIGHT_LIMIT}, not {first.max_in_flight}")
+    if first.max_in_flight and limit and first.max_in_flight != limit:
+        raise ServiceError("bad_request", f"metadata max-in-flight {limit} contradicts the first message's "
+                                          f"max_in_flight {first.max_in_flight}")  # fmt: skip
+    return field_policy or policy or "latest", first.max_in_flight or limit or DEFAULT_MAX_IN_FLIGHT
+
+
+class GrpcServer:
+    """The running gRPC server; health follows service.ready until draining starts."""
+
+    def __init__(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer,
+                 service: SegmentationService, port: int):  # fmt: skip
+        self.server = server
+        self.health = health_servicer
+        self.service = service
+        self.port = port
+        self.draining = False
+        self._poller: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        self._poller = asyncio.create_task(self._follow_readiness())
+
+    async def _set_health(self, status) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def _follow_readiness(self) -> None:
+        last = None
+        while not self.draining:
+            status = (health_pb2.HealthCheckResponse.SERVING if self.service.ready
+                      else health_pb2.HealthCheckResponse.NOT_SERVING)  # fmt: skip
+            if status != last:
+                await self._set_health(status)
+                last = status
+            await asyncio.sleep(HEALTH_POLL_SECONDS)
+
+    def health_not_serving(self) -> None:
+        """Draining: NOT_SERVING from now on (called from the SIGTERM path)."""
+        self.draining = True
+        if self._poller is not None:
+            self._poller.cancel()
+        asyncio.get_running_loop().create_task(self.health.enter_graceful_shutdown())
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+        await self.server.stop(grace)
+
+
+async def start_grpc_server(service: SegmentationService, settings: Settings) -> GrpcServer:
+    limit = message_limit(settings)
+    options = [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.keepalive_time_ms", 60_000),  # ping idle connections so dead peers free their streams
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+    server = grpc.aio.server(options=options)
+    pb_grpc.add_SegmentationServicer_to_server(SegmentationServicer(service, settings), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"{settings.host}:{settings.grpc_port}"
+    if settings.tls_cert:
+        credentials = grpc.ssl_server_credentials([(Path(settings.tls_key).read_bytes(),
+                                                    Path(settings.tls_cert).read_bytes())])  # fmt: skip
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
+    if not port:
+        raise RuntimeError(f"gRPC could not bind {address} (is the port free?)")
+    wrapper = GrpcServer(server, health_servicer, service, port)
+    await wrapper.start()
+    log.info("gRPC on %s%s", address, " (TLS)" if settings.tls_cert else "")
+    return wrapper
