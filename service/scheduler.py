@@ -67,7 +67,10 @@ class BatchScheduler:
         best_key, best_urgency, wake = None, None, None
         for key, group in self._groups.items():
             urgency = min(j.urgency for j in group)
-            due_at = min(min(j.arrival for j in group) + self.max_delay, urgency - self.max_delay)
+            due_at = min(j.arrival for j in group) + self.max_delay
+            deadlines = [j.deadline for j in group if j.deadline is not None]
+            if deadlines:  # only an explicit deadline cuts the wait short
+                due_at = min(due_at, min(deadlines) - self.max_delay)
             if len(group) >= self.max_batch or due_at <= now:
                 if best_urgency is None or urgency < best_urgency:
                     best_key, best_urgency = key, urgency
