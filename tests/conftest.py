@@ -40,3 +40,39 @@ def randomise_bn(net: torch.nn.Module) -> None:
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
             m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
             m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
+def calibrate_bn(net: torch.nn.Module, images: torch.Tensor) -> None:
+    """BN running statistics measured on `images` (N>1, normalised NCHW), as training leaves them,
+    plus a wide classifier: the random network then gives varied, image-dependent labels rather
+    than one class everywhere, so label comparisons mean something."""
+    g = torch.Generator().manual_seed(2)
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+        m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+        m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+    net.train()
+    with torch.no_grad():
+        net(images)
+    for m in bns:
+        m.momentum = 0.1
+    conv_seg = net.decode_head.conv_seg
+    conv_seg.weight.data.normal_(0, 0.5, generator=g)
+    conv_seg.bias.data.normal_(0, 0.5, generator=g)
+    net.eval()
+
+
+@pytest.fixture(scope="session")
+def varied_r18_checkpoint(tmp_path_factory, photo) -> str:
+    """An R18 checkpoint (no aux heads) whose labels vary across a photo; see calibrate_bn."""
+    from model.transforms import normalise
+
+    torch.manual_seed(0)
+    net = build_model("bisenetv1_r18", aux_heads=False)
+    batch = torch.from_numpy(np.stack([photo, photo[::-1].copy(), photo[:, ::-1].copy()]))
+    calibrate_bn(net, normalise(batch, (128, 128)))
+    path = tmp_path_factory.mktemp("ckpt") / "r18_varied.pth"
+    torch.save({"meta": {}, "state_dict": net.state_dict()}, path)
+    return str(path)
