@@ -96,7 +96,8 @@ def _safe_load(path: Path) -> dict:
     """
     import numpy as np
 
-    allowed = [np.dtype, np.ndarray, np.core.multiarray.scalar, np.core.multiarray._reconstruct]  # type: ignore[attr-defined]
+    core = np._core if hasattr(np, "_core") else np.core  # numpy 2 renamed (and deprecated) np.core
+    allowed = [np.dtype, np.ndarray, core.multiarray.scalar, core.multiarray._reconstruct]  # type: ignore[attr-defined]
     allowed += [type(np.dtype(t)) for t in ("float32", "float64", "int64", "int32", "uint8", "bool")]
     try:
         with torch.serialization.safe_globals(allowed):
@@ -152,7 +153,7 @@ def _mismatch_message(source, missing, unexpected, shapes) -> str:
         return f"\n  {title} ({len(items)}):\n    {shown}" if items else ""
 
     hint = ""
-    if any(k.endswith("conv_seg.weight") for k in shapes):
+    if any(k.startswith("decode_head.conv_seg.weight:") for k in shapes):
         hint = "\n  (the class count differs: build the model with num_classes matching the checkpoint)"
     return (f"checkpoint {source} does not match the network:" + block("missing keys", missing)
             + block("unexpected keys", unexpected) + block("wrong shapes", shapes) + hint)  # fmt: skip
