@@ -7,10 +7,11 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from model.checkpoint import download
+from model.checkpoint import CheckpointError, download
 from model.predictor import resolve_weights
 
 from . import imaging
@@ -40,6 +41,8 @@ def fetch_weights(settings: Settings) -> dict[str, str]:
             weights[spec.name] = "random"
         elif source.startswith(("http://", "https://")):
             weights[spec.name] = str(download(source))
+        elif not Path(source).is_file():
+            raise CheckpointError(f"weights for model {spec.name!r}: file {source} does not exist")
         else:
             weights[spec.name] = source
     return weights

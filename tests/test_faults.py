@@ -153,3 +153,8 @@ def test_sigterm_finishes_in_flight_then_exits(service, body):
         assert late.status_code == 503 and late.json()["error"]["code"] == "not_ready"
         assert [f.result().status_code for f in futures] == [200, 200, 200]
     assert service.proc.wait(60) == 0
+
+
+def test_missing_weights_file():
+    run = run_service("--model", "bisenetv1_r18=/nonexistent/r18.pth")
+    assert run.returncode == 2 and "/nonexistent/r18.pth does not exist" in run.stderr
