@@ -340,6 +340,29 @@ def test_compose_variants_differ_only_in_the_device(yaml):
     assert differing <= {"BISENET_MODELS", "BISENET_MAX_BATCH", "BISENET_TARGET_FPS"}, differing
 
 
+def test_compose_shared_memory_holds_the_frame_pool(yaml):
+    units = {"b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30, "gb": 1 << 30}
+    for variant in COMPOSE_FILES:
+        svc = load_compose(yaml, variant)["services"]["segmentation"]
+        size = re.fullmatch(r"\$\{BISENET_SHM_SIZE:-(\d+)([a-z]*)\}", svc["shm_size"])
+        pool = re.fullmatch(r"\$\{BISENET_SHM_BYTES:-(\d+)\}", svc["environment"]["BISENET_SHM_BYTES"])
+        assert size and pool, (svc["shm_size"], svc["environment"]["BISENET_SHM_BYTES"])
+        shm = int(size.group(1)) * units[size.group(2) or "b"]
+        assert shm >= int(pool.group(1)) + (512 << 20), "leave /dev/shm headroom above the frame pool"
+
+
+@needs_service
+def test_compose_passes_every_setting_of_the_service(yaml):
+    """Each BISENET_* variable the service documents in --help reaches the container (TLS needs
+    mounted files, so it is left to the operator)."""
+    result = run([sys.executable, "-m", "service", "--help"], cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    documented = set(re.findall(r"BISENET_[A-Z0-9_]+", result.stdout)) - {"BISENET_TLS_CERT", "BISENET_TLS_KEY"}
+    for variant in COMPOSE_FILES:
+        passed = set(load_compose(yaml, variant)["services"]["segmentation"]["environment"])
+        assert documented <= passed, f"{variant}: add to the compose environment: {documented - passed}"
+
+
 def test_compose_images_are_pinned(yaml):
     for variant in COMPOSE_FILES:
         for name, svc in load_compose(yaml, variant)["services"].items():
