@@ -12,7 +12,7 @@ from .bisenet import build_model
 from .checkpoint import load_checkpoint, read_state_dict
 from .runtime import SegmentationEngine
 from .transforms import as_rgb_uint8
-from .zoo import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, ZOO, default_entry, resolve_arch
+from .zoo import ARCHS, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, ZOO, default_entry, resolve_arch
 
 
 def resolve_weights(name: str, weights: str | os.PathLike | None) -> str | None:
@@ -23,15 +23,26 @@ def resolve_weights(name: str, weights: str | os.PathLike | None) -> str | None:
     if weights == "random":
         return None
     if weights in ZOO:
-        if ZOO[weights].arch != resolve_arch(name):
+        if is_known(name) and ZOO[weights].arch != resolve_arch(name):
             raise ValueError(f"zoo entry {weights!r} is a {ZOO[weights].arch}, not a {resolve_arch(name)}")
         return ZOO[weights].url
     return weights
 
 
+def is_known(name: str) -> bool:
+    return name in ARCHS or name in ZOO
+
+
+def infer_arch(state: dict) -> str:
+    """R18 or R50 from a state_dict's keys (R50's Bottleneck blocks have a conv3)."""
+    return "bisenetv1_r50" if "backbone.context_path.backbone.layer1.0.conv3.weight" in state else "bisenetv1_r18"
+
+
 class Segmenter:
     """BiSeNetV1 inference with mmsegmentation's exact test-time pipeline.
 
+    `name` is an architecture (`bisenetv1_r18`/`bisenetv1_r50`), a zoo entry, or any name of your
+    own when `weights` is a checkpoint (the architecture is then read off its keys).
     `weights`: a zoo entry name (default: the best row for `name`), a path, an http(s) URL, or
     'random'. The class count, names and palette follow the checkpoint (its `meta` when present).
     """
@@ -40,13 +51,14 @@ class Segmenter:
                  device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
                  num_classes: int | None = None, **engine_options):  # fmt: skip
         self.name = name
-        self.arch = resolve_arch(name)
         self.weights = resolve_weights(name, weights)
         meta: dict = {}
         state_classes = None
+        state: dict = {}
         if self.weights is not None:
             state, meta = read_state_dict(self.weights)
             state_classes = int(state["decode_head.conv_seg.bias"].shape[0]) if "decode_head.conv_seg.bias" in state else None
+        self.arch = resolve_arch(name) if is_known(name) or not state else infer_arch(state)
         self.num_classes = num_classes or state_classes or 19
         net = build_model(self.arch, num_classes=self.num_classes, aux_heads=False)
         if self.weights is not None:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from dataclasses import dataclass, field
 
-from model.zoo import ARCHS, ZOO, resolve_arch
+from model.zoo import ARCHS, ZOO
 
 ALIASES = {"fast": "bisenetv1_r18", "accurate": "bisenetv1_r50"}
+
+
+MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class ConfigError(ValueError):
@@ -19,10 +23,6 @@ class ConfigError(ValueError):
 class ModelSpec:
     name: str  # what clients ask for
     weights: str | None  # None: the zoo default for `name`; 'random'; a zoo entry, path or URL
-
-    @property
-    def arch(self) -> str:
-        return resolve_arch(self.name)
 
 
 @dataclass(frozen=True)
@@ -65,9 +65,13 @@ def parse_models(values: list[str]) -> tuple[ModelSpec, ...]:
         for item in filter(None, (v.strip() for v in value.split(","))):
             name, _, weights = item.partition("=")
             name = ALIASES.get(name, name)
-            if name not in ARCHS and name not in ZOO:
+            custom = weights and weights != "random" and weights not in ZOO  # a checkpoint file or URL
+            if name not in ARCHS and name not in ZOO and not custom:
                 raise ConfigError(f"unknown model {name!r} in --model {item!r}; known: "
-                                  f"{', '.join(list(ARCHS) + list(ZOO))} (aliases: fast, accurate)")  # fmt: skip
+                                  f"{', '.join(list(ARCHS) + list(ZOO))} (aliases: fast, accurate), or "
+                                  f"NAME=CHECKPOINT for a checkpoint of your own")  # fmt: skip
+            if not MODEL_NAME.fullmatch(name):
+                raise ConfigError(f"bad model name {name!r}: use letters, digits, '_', '-' and '.'")
             specs.append(ModelSpec(name, weights or None))
     names = [s.name for s in specs]
     if len(set(names)) != len(names):

@@ -140,11 +140,13 @@ class SegmentationService:
         for spec in self.settings.models:
             info = self.dispatcher.model_info(spec.name)
             entry = None
-            if spec.weights in (None, *ZOO):
-                entry = ZOO[spec.weights] if spec.weights in ZOO else default_entry(spec.name)
+            if spec.weights in ZOO:
+                entry = ZOO[spec.weights]
+            elif spec.weights is None:
+                entry = default_entry(spec.name)
             out.append({
                 "name": spec.name,
-                "arch": spec.arch,
+                "arch": info.get("arch"),
                 "weights": spec.weights or (entry.url if entry else None),
                 "published_miou": entry.miou if entry else None,
                 "published_miou_ms_flip": entry.miou_ms_flip if entry else None,

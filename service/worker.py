@@ -78,6 +78,7 @@ class Worker:
             seg.engine.warmup(list(self.config.warm_shapes) or [(64, 64)], self.config.buckets)
             self.models[name] = seg
             info["models"][name] = {
+                "arch": seg.arch,
                 "classes": list(seg.classes),
                 "palette": [list(c) for c in seg.palette],
                 "dtype": str(seg.engine.dtype).replace("torch.", ""),
