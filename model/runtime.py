@@ -130,6 +130,7 @@ class SegmentationEngine:
         self._pool = None
         self._stream = None
         if on_cuda:
+            torch.cuda.set_device(self.device)  # graph replay and copies use the current device's stream
             torch.backends.cudnn.benchmark = True
             self._stream = torch.cuda.Stream(self.device)
 

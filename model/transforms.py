@@ -6,6 +6,8 @@ Everything works on torch tensors on any device, so the worker can keep the whol
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -34,9 +36,16 @@ def normalise(images: torch.Tensor, size: tuple[int, int], dtype: torch.dtype = 
     if tuple(images.shape[1:3]) != tuple(size):
         images = resize_uint8(images, size)
     x = images.permute(0, 3, 1, 2).float()
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = _mean_std(x.device)
     return ((x - mean) / std).to(dtype)
+
+
+@functools.cache
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Made once per device: a host-to-device copy is not allowed while a CUDA graph is captured,
+    # and the eager warm-up before capture fills this cache.
+    with torch.inference_mode(False):  # ordinary tensors, usable in and out of inference mode
+        return torch.tensor(MEAN, device=device).view(1, 3, 1, 1), torch.tensor(STD, device=device).view(1, 3, 1, 1)
 
 
 _COEF_BITS = 11  # OpenCV INTER_RESIZE_COEF_BITS: weights are integers scaled by 2048
