@@ -684,6 +684,24 @@ def test_live_metrics_export_every_name_the_dashboard_and_rules_use(live_service
     assert any(abs(e - 1 / 30) < 1e-5 for e in edges), sorted(edges)
 
 
+REJECT_REASONS = ("queue_full", "deadline", "invalid_image", "too_large", "unsupported_media_type", "not_found",
+                  "not_ready", "unauthorized", "bad_request")  # fmt: skip
+
+
+@pytest.mark.xfail(strict=False, reason="the service creates these label children on their first event; create "
+                   "them at start (every reason, model and device) and drop this marker")  # fmt: skip
+def test_live_alerted_counters_start_at_zero(live_service):
+    """Counters that alerts take increase()/rate() of must exist (at 0) before their first event,
+    or the first worker restart, drop or rejection of a kind never shows as an increase."""
+    import httpx
+
+    text = httpx.get(live_service + "/metrics", timeout=10).text
+    _, sampled = parse_exposition(text)
+    missing = [n for n in ("seg_worker_restarts_total", "seg_stream_frames_dropped_total") if n not in sampled]
+    missing += [r for r in REJECT_REASONS if f'seg_requests_rejected_total{{reason="{r}"}}' not in text]
+    assert not missing, f"no series at start: {missing}"
+
+
 @pytest.fixture(scope="module")
 def live_prometheus(live_service, yaml, tmp_path_factory):
     """A real Prometheus on loopback with the shipped rules, scraping the live service every second."""
