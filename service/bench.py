@@ -3,8 +3,11 @@ next to the raw engine throughput measured in the same run (the serving overhead
 
     python -m service.bench --spawn "--model bisenetv1_r18=random --device cpu" --size 512x1024
     python -m service.bench --url http://localhost:8000 --concurrency 1,8,32 --rates 10,30,60
+    python -m service.bench --protocol grpc --grpc localhost:50051 --concurrency 1,8     # unary gRPC
+    python -m service.bench --grpc localhost:50051 --concurrency "" --streams 1,4 --capacity --seconds 10
 
-Every sweep level is bounded by --requests and --seconds. Prints a Markdown table.
+Every sweep level is bounded by --requests and --seconds. Prints Markdown tables. Streams
+(--streams, --capacity) are gRPC StreamSegment calls paced at --target-fps; see bench_grpc.py.
 """
 
 from __future__ import annotations
@@ -64,13 +67,22 @@ def test_image(size: tuple[int, int], path: str | None) -> bytes:
     return buf.getvalue()
 
 
-async def _one(client: httpx.AsyncClient, body: bytes, params: dict, level: Level) -> None:
+def rest_sender(client: httpx.AsyncClient, body: bytes, params: dict):
+    """An async () -> bool (ok): one POST /segment."""
+
+    async def send() -> bool:
+        try:
+            r = await client.post("/segment", content=body, params=params, headers={"Content-Type": "image/jpeg"})
+            return r.status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    return send
+
+
+async def _one(send, level: Level) -> None:
     start = time.perf_counter()
-    try:
-        r = await client.post("/segment", content=body, params=params, headers={"Content-Type": "image/jpeg"})
-        ok = r.status_code == 200
-    except httpx.HTTPError:
-        ok = False
+    ok = await send()
     level.sent += 1
     if ok:
         level.ok += 1
@@ -79,7 +91,7 @@ async def _one(client: httpx.AsyncClient, body: bytes, params: dict, level: Leve
         level.errors += 1
 
 
-async def closed_loop(client, body, params, concurrency: int, requests: int, seconds: float) -> Level:
+async def closed_loop(send, concurrency: int, requests: int, seconds: float) -> Level:
     level = Level("closed", f"c={concurrency}", 0, 0, 0, 0.0, [])
     remaining = [requests]
     end = time.perf_counter() + seconds
@@ -87,7 +99,7 @@ async def closed_loop(client, body, params, concurrency: int, requests: int, sec
     async def user():
         while remaining[0] > 0 and time.perf_counter() < end:
             remaining[0] -= 1
-            await _one(client, body, params, level)
+            await _one(send, level)
 
     start = time.perf_counter()
     await asyncio.gather(*(user() for _ in range(concurrency)))
@@ -95,7 +107,7 @@ async def closed_loop(client, body, params, concurrency: int, requests: int, sec
     return level
 
 
-async def open_loop(client, body, params, rate: float, requests: int, seconds: float, seed: int = 0) -> Level:
+async def open_loop(send, rate: float, requests: int, seconds: float, seed: int = 0) -> Level:
     """Poisson arrivals at `rate`/s regardless of responses: shows queueing that closed loops hide."""
     level = Level("poisson", f"{rate:g}/s", 0, 0, 0, 0.0, [])
     rng = random.Random(seed)
@@ -104,7 +116,7 @@ async def open_loop(client, body, params, rate: float, requests: int, seconds: f
     next_at = start
     while len(tasks) < requests and next_at - start < seconds:
         await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
-        tasks.append(asyncio.create_task(_one(client, body, params, level)))
+        tasks.append(asyncio.create_task(_one(send, level)))
         next_at += rng.expovariate(rate)
     await asyncio.gather(*tasks)
     level.seconds = time.perf_counter() - start
@@ -135,10 +147,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_service(extra_args: str, timeout: float = 600.0) -> tuple[subprocess.Popen, str]:
+def spawn_service(extra_args: str, timeout: float = 600.0, grpc_port: int = 0) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--http-port", str(port), "--grpc-port", "0",
-           *shlex.split(extra_args)]  # fmt: skip
+    cmd = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--http-port", str(port), "--grpc-port",
+           str(grpc_port), *shlex.split(extra_args)]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout
@@ -165,20 +177,61 @@ def print_table(levels: list[Level], budget: float, raw: float, device: str) -> 
               f"{lv.within(budget):.0%} |")  # fmt: skip
 
 
+async def sweep(send, args, mode: str) -> list[Level]:
+    levels = []
+    if args.warmup:
+        await closed_loop(send, 1, args.warmup, 300)  # warm-up, not reported
+    for c in [int(v) for v in args.concurrency.split(",") if v]:
+        levels.append(await closed_loop(send, c, args.requests, args.seconds))
+    for rate in [float(v) for v in args.rates.split(",") if v]:
+        levels.append(await open_loop(send, rate, args.requests, args.seconds))
+    for level in levels:
+        level.mode = f"{mode} {level.mode}"
+    return levels
+
+
 async def run(args) -> list[Level]:
     size = tuple(int(v) for v in args.size.lower().split("x"))
     body = test_image(size, args.image)
+    if args.protocol == "grpc":
+        from . import bench_grpc
+
+        async with bench_grpc.channel(args.grpc) as ch:
+            stub = bench_grpc.pb_grpc.SegmentationStub(ch)
+            make = bench_grpc.request_factory(body, "jpeg", args.format, args.model)
+            return await sweep(bench_grpc.unary_sender(stub, make, grpc_metadata(args)), args, "grpc")
     params = {"format": args.format, **({"model": args.model} if args.model else {})}
     headers = {"X-API-Key": args.api_key} if args.api_key else {}
     limits = httpx.Limits(max_connections=1024, max_keepalive_connections=1024)
-    levels = []
     async with httpx.AsyncClient(base_url=args.url, timeout=300, limits=limits, headers=headers) as client:
-        await closed_loop(client, body, params, 1, args.warmup, 300)  # warm-up, not reported
-        for c in [int(v) for v in args.concurrency.split(",") if v]:
-            levels.append(await closed_loop(client, body, params, c, args.requests, args.seconds))
-        for rate in [float(v) for v in args.rates.split(",") if v]:
-            levels.append(await open_loop(client, body, params, rate, args.requests, args.seconds))
-    return levels
+        return await sweep(rest_sender(client, body, params), args, "rest")
+
+
+def grpc_metadata(args) -> tuple:
+    return (("x-api-key", args.api_key),) if args.api_key else ()
+
+
+async def run_streams(args) -> tuple[list, int | None]:
+    """Stream levels at --target-fps (--streams), then the capacity search (--capacity)."""
+    from . import bench_grpc
+
+    size = tuple(int(v) for v in args.size.lower().split("x"))
+    budget = 1 / args.target_fps
+    async with bench_grpc.channel(args.grpc) as ch:
+        stub = bench_grpc.pb_grpc.SegmentationStub(ch)
+        make = bench_grpc.request_factory(test_image(size, args.image), args.stream_send, args.format, args.model)
+        meta = grpc_metadata(args)
+        await bench_grpc.stream_level(stub, make, 1, args.target_fps, 1.0, meta, args.policy)  # warm-up
+        levels = [await bench_grpc.stream_level(stub, make, int(n), args.target_fps, args.seconds, meta, args.policy)
+                  for n in args.streams.split(",") if n]  # fmt: skip
+        capacity = None
+        if args.capacity:
+            print(f"capacity search: streams at {args.target_fps:g} fps, {args.seconds:g} s per level", file=sys.stderr)
+            capacity, tried = await bench_grpc.capacity_search(
+                stub, make, args.target_fps, args.seconds, budget, args.max_streams, meta, args.policy,
+                log=lambda line: print(line, file=sys.stderr))  # fmt: skip
+            levels += tried
+    return levels, capacity
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,19 +253,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--target-fps", type=float, default=30.0)
     p.add_argument("--api-key", default=os.environ.get("BISENET_API_KEY"))
+    p.add_argument("--protocol", choices=["rest", "grpc"], default="rest", help="for the unary sweeps")
+    p.add_argument("--grpc", default="127.0.0.1:50051", help="gRPC target (host:port) for --protocol grpc and streams")
+    p.add_argument("--streams", default="", help="concurrent gRPC streams at --target-fps, comma-separated levels")
+    p.add_argument("--capacity", action="store_true",
+                   help="search the most streams at --target-fps with p99 within the budget and <= 1%% dropped")
+    p.add_argument("--max-streams", type=int, default=64, help="upper bound for the capacity search")
+    p.add_argument("--policy", choices=["latest", "block"], default="latest", help="stream drop policy")
+    p.add_argument("--stream-send", choices=["raw", "jpeg"], default="raw", help="stream frames as raw RGB or JPEG")
     args = p.parse_args(argv)
     size = tuple(int(v) for v in args.size.lower().split("x"))
     proc = None
+    uses_grpc = args.protocol == "grpc" or args.streams or args.capacity
     if args.spawn:
-        proc, args.url = spawn_service(args.spawn)
+        grpc_port = free_port() if uses_grpc else 0
+        proc, args.url = spawn_service(args.spawn, grpc_port=grpc_port)
+        args.grpc = f"127.0.0.1:{grpc_port}"
+    stream_levels, capacity = [], None
     try:
         raw = raw_engine(args.raw_model, args.raw_weights, args.device, size, args.raw_batch, min(args.seconds, 20))
         levels = asyncio.run(run(args))
+        if args.streams or args.capacity:
+            stream_levels, capacity = asyncio.run(run_streams(args))
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(60)
     print_table(levels, 1 / args.target_fps, raw, args.device)
+    if stream_levels:
+        from .bench_grpc import print_stream_table
+
+        print_stream_table(stream_levels, 1 / args.target_fps)
+    if capacity is not None:
+        print(f"\ncapacity: {capacity} concurrent stream(s) of {args.size} frames at {args.target_fps:g} fps "
+              f"(p99 within {1000 / args.target_fps:.1f} ms, <= 1% dropped) on {args.device}")
     return 0
 
 
