@@ -20,6 +20,7 @@ run: venv
 	$(PY) -m service $(ARGS)
 
 test: venv
+	bash tools/ensure_deploy_tools.sh $(VENV)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(ARGS)
 

@@ -153,12 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _number(value, name: str, kind=int, minimum=None):
+    flag = f"--{name} (BISENET_{name.upper().replace('-', '_')})"
     try:
         number = kind(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"bad --{name} {value!r}: expected a {kind.__name__}") from None
+        raise ConfigError(f"bad {flag} {value!r}: expected a {kind.__name__}") from None
     if minimum is not None and number < minimum:
-        raise ConfigError(f"bad --{name} {value!r}: must be at least {minimum}")
+        raise ConfigError(f"bad {flag} {value!r}: must be at least {minimum}")
     return number
 
 

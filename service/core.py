@@ -17,7 +17,7 @@ from model.predictor import resolve_weights
 from . import imaging
 from .config import ALIASES, Settings
 from .dispatcher import Dispatcher, Result, WorkerLink
-from .errors import ServiceError
+from .errors import CODES, ServiceError
 from .metrics import Metrics
 
 log = logging.getLogger("service")
@@ -53,6 +53,8 @@ class SegmentationService:
         self.settings = settings
         self.metrics = Metrics(settings.budget_seconds)
         self.dispatcher = Dispatcher(settings, model_weights, self.metrics, shm_bytes)
+        self.metrics.start_series(self.dispatcher.model_names, self.dispatcher.devices,
+                                  sorted({reason for _, _, reason in CODES.values()}))  # fmt: skip
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="codec")
         self.default_model = settings.models[0].name
         self.started = time.time()

@@ -204,13 +204,13 @@ class Dispatcher:
         self.draining = False
         self._ids = itertools.count(1)
         self._last_replays: dict[tuple[str, str], tuple[int, int]] = {}
-        self._devices = resolve_devices(settings.devices)
+        self.devices = resolve_devices(settings.devices)
         self._model_weights = model_weights
 
     # -- life cycle -----------------------------------------------------------------------------
     async def start(self) -> None:
         s = self.settings
-        for device in self._devices:
+        for device in self.devices:
             config = WorkerConfig(device=device, models=tuple(self._model_weights.items()), dtype=s.dtype,
                                   buckets=s.batch_buckets, max_batch=s.max_batch, max_delay=s.max_delay_ms / 1000,
                                   budget=s.budget_seconds, warm_shapes=s.warm_shapes, resize_scale=s.resize_scale,

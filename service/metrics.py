@@ -18,6 +18,7 @@ from prometheus_client import (
 
 BUDGET_MULTIPLES = (0.03, 0.075, 0.15, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 7.5, 15.0, 30.0, 75.0, 150.0, 300.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+PROTOCOLS = ("http", "grpc", "grpc_stream")
 
 
 class Metrics:
@@ -63,6 +64,19 @@ class Metrics:
         self.streams_active = Gauge("seg_streams_active", "Open streaming calls", registry=r)
         self.shm_slots = Gauge("seg_shm_slots_in_use", "Shared-memory frame slots holding a request", registry=r)
         self.shm_bytes = Gauge("seg_shm_bytes", "Shared memory mapped for frame slots", registry=r)
+
+    def start_series(self, models: list[str], devices: list[str], reasons: list[str]) -> None:
+        """Create every label child at zero, so an alert's increase() sees the first event too."""
+        for model in models:
+            for counter in (self.frames_dropped, self.graph_replays, self.graph_misses):
+                counter.labels(model)
+            for protocol in PROTOCOLS:
+                self.over_budget.labels(model, protocol)
+            self.queue_depth.labels(model).set(0)
+        for device in devices:
+            self.worker_restarts.labels(device)
+        for reason in reasons:
+            self.rejected.labels(reason)
 
     def observe_success(self, model: str, protocol: str, code: str, seconds: float) -> None:
         self.request_duration.labels(model, protocol, code).observe(seconds)

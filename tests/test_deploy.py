@@ -688,8 +688,6 @@ REJECT_REASONS = ("queue_full", "deadline", "invalid_image", "too_large", "unsup
                   "not_ready", "unauthorized", "bad_request")  # fmt: skip
 
 
-@pytest.mark.xfail(strict=False, reason="the service creates these label children on their first event; create "
-                   "them at start (every reason, model and device) and drop this marker")  # fmt: skip
 def test_live_alerted_counters_start_at_zero(live_service):
     """Counters that alerts take increase()/rate() of must exist (at 0) before their first event,
     or the first worker restart, drop or rejection of a kind never shows as an increase."""

@@ -39,7 +39,7 @@ def test_unknown_model_from_environment():
 
 
 @pytest.mark.parametrize(("var", "value", "message"), [
-    ("BISENET_MAX_BATCH", "many", "bad --max-batch"), ("BISENET_WARM_SHAPES", "1024by2048", "bad shape"),
+    ("BISENET_MAX_BATCH", "many", "bad --max-batch (BISENET_MAX_BATCH)"), ("BISENET_WARM_SHAPES", "1024by2048", "bad shape"),
     ("BISENET_DEVICE", "tpu", "bad --device"), ("BISENET_TARGET_FPS", "0", "must be at least"),
 ])  # fmt: skip
 def test_malformed_settings(var, value, message):
