@@ -427,3 +427,56 @@ def test_stream_cli_on_a_video(service, tmp_path, frames):
                          text=True, timeout=120)  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert sorted(p.name for p in pngs.iterdir()) == [f"frame_{i:06d}.png" for i in range(5)]
+
+
+# -- faults (last: they restart the worker and stop the service) ----------------------------------
+def test_stream_survives_a_worker_restart(service, stub, frames, references):
+    stop = threading.Event()
+
+    def requests():
+        for i in range(2000):
+            if stop.is_set():
+                return
+            yield raw_request(frames[i % 4], frame_id=i, format=pb.LABELS_RAW)
+            time.sleep(0.05)
+
+    call = stub.StreamSegment(requests(), metadata=(*AUTH, ("drop-policy", "block")), timeout=150)
+    seen, errors, served_after = [], set(), 0
+    deadline = time.monotonic() + 120
+    for r in call:
+        seen.append(r.frame_id)
+        if len(seen) == 3:
+            for pid in service.worker_pids():
+                os.kill(pid, 9)
+        if r.HasField("error"):
+            errors.add(r.error.code)
+        elif errors:
+            np.testing.assert_array_equal(labels_of(r), references[r.frame_id % 4])
+            served_after += 1
+            if served_after == 5:
+                stop.set()
+        assert time.monotonic() < deadline, "the stream did not recover"
+    assert seen == sorted(seen)
+    assert errors and errors <= {"worker_restarting", "not_ready"}, errors
+    assert served_after >= 5
+    assert_nothing_held(service)
+
+
+def test_sigterm_drains_streams_and_health(service, channel, stub, frames):
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+
+    def requests():
+        for i in range(2000):
+            yield raw_request(frames[i % 4], frame_id=i)
+            time.sleep(0.05)
+
+    call = stub.StreamSegment(requests(), metadata=AUTH, timeout=60)
+    next(call)
+    service.proc.send_signal(15)
+    assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    with pytest.raises(grpc.RpcError) as info:
+        for _ in call:
+            pass
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+    assert service.proc.wait(60) == 0
