@@ -212,7 +212,7 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def run(archs: list[str], speed_iters: int, workdir: Path) -> dict:
+def run(archs: list[str], speed_iters: int, workdir: Path, speed_only: bool = False) -> dict:
     import mmengine
     import mmseg
 
@@ -229,14 +229,14 @@ def run(archs: list[str], speed_iters: int, workdir: Path) -> dict:
         net = build_model(f"bisenetv1_{arch}").eval()
         load_checkpoint(net, ckpt)
         segmenter = Segmenter(f"bisenetv1_{arch}", weights=str(ckpt))
-        for image in (images["coffee"], images["chelsea"][:95, :27]):  # 400x600 and an odd 95x27
+        for image in () if speed_only else (images["coffee"], images["chelsea"][:95, :27]):  # 400x600 and an odd 95x27
             row = logits_error(arch, mm_model, net, segmenter.engine, image)
             row["ok"] = max(row["rel_err"], row["folded_rel_err"]) <= THRESHOLDS["logits_rel"]
             report["logits"].append(row)
             print(f"[logits] {arch} input {row['input']} -> {row['shape']}: max|ref| {row['max_abs_ref']:.3g}, "
                   f"relative error {row['rel_err']:.2e} (BN-folded engine {row['folded_rel_err']:.2e}) "
                   f"{'ok' if row['ok'] else 'FAIL'}")  # fmt: skip
-        rows = label_agreement(mm_model, segmenter, images)
+        rows = [] if speed_only else label_agreement(mm_model, segmenter, images)
         for row in rows:
             need = THRESHOLDS["frame_agree"] if row["image"].startswith("frame") else THRESHOLDS["photo_agree"]
             row["ok"] = row["agreement"] >= need
@@ -264,10 +264,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--archs", nargs="+", choices=sorted(CONFIGS), default=["r18", "r50"])
     parser.add_argument("--speed-iters", type=int, default=5, help="timed calls per side (0: no speed test)")
     parser.add_argument("--no-speed", action="store_true", help="skip the speed comparison")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="only time inference_model against Segmenter.predict (R18, 2048x1024 frame)")  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the full report here")
+    parser.add_argument("--threads", type=int, help="torch CPU threads for both sides (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bisenet-parity-") as tmp:
-        report = run(args.archs, 0 if args.no_speed else args.speed_iters, Path(tmp))
+        archs = ["r18"] if args.speed_only else args.archs
+        report = run(archs, 0 if args.no_speed else args.speed_iters, Path(tmp), args.speed_only)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     print("PARITY OK" if report["ok"] else "PARITY FAILED")
