@@ -39,3 +39,24 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# Parity with a real mmsegmentation 1.2.2 (decode logits, inference_model labels, CPU speed), in a
+# venv of its own outside the repo: mmseg pins old mmcv/mmengine, and the project never imports
+# them. Not part of `make test`. `make parity ARGS="--archs r18 --no-speed"` for a quicker run;
+# `$(MMSEG_VENV)/bin/python -m pytest tests/test_mmseg_parity.py` runs the same checks as tests.
+MMSEG_VENV ?= $(abspath ..)/mmseg-venv
+MMSEG_PY := $(MMSEG_VENV)/bin/python
+
+.PHONY: parity
+
+parity: $(MMSEG_VENV)/.installed
+	$(MMSEG_PY) tools/parity_mmseg.py $(ARGS)
+
+$(MMSEG_VENV)/.installed: constraints-cpu.txt
+	$(PYTHON) -m venv $(MMSEG_VENV)
+	$(MMSEG_PY) -m pip install -q --upgrade pip
+	$(MMSEG_PY) -m pip install -q $(CONSTRAINTS) torch
+	$(MMSEG_PY) -m pip install -q $(CONSTRAINTS) mmsegmentation==1.2.2 mmengine==0.10.7 mmcv-lite==2.1.0 \
+		opencv-python-headless ftfy regex scikit-image pytest pytest-timeout
+	$(MMSEG_PY) -m pip install -q --no-deps -e .
+	touch $@

@@ -429,6 +429,53 @@ def test_stream_cli_on_a_video(service, tmp_path, frames):
     assert sorted(p.name for p in pngs.iterdir()) == [f"frame_{i:06d}.png" for i in range(5)]
 
 
+def test_tls_api_key_and_health_before_ready(tmp_path):
+    """The real gRPC server in this process, with TLS, before any worker is up: health NOT_SERVING,
+    Segment UNAVAILABLE with retry-after, ListModels over TLS, plaintext refused."""
+    import asyncio
+    import shutil
+
+    if not shutil.which("openssl"):
+        pytest.skip("needs the openssl command")
+    from service.config import ModelSpec, Settings
+    from service.core import SegmentationService
+    from service.grpc_api import start_grpc_server
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)  # fmt: skip
+    settings = Settings(models=(ModelSpec("bisenetv1_r18", "random"),), devices=("cpu",), host="127.0.0.1",
+                        grpc_port=0, api_key=KEY, tls_cert=str(cert), tls_key=str(key))  # fmt: skip
+
+    async def main():
+        service = SegmentationService(settings, {"bisenetv1_r18": "random"})
+        server = await start_grpc_server(service, settings)
+        try:
+            creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+            async with grpc.aio.secure_channel(f"localhost:{server.port}", creds) as ch:
+                health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+                assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+                stub = pb_grpc.SegmentationStub(ch)
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.Segment(pb.SegmentRequest(encoded=b"x"), metadata=AUTH, timeout=10)
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert dict(info.value.trailing_metadata())["retry-after"] == "1"
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.ListModels(pb.ListModelsRequest(), timeout=10)
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                reply = await stub.ListModels(pb.ListModelsRequest(), metadata=AUTH, timeout=10)
+                assert [m.name for m in reply.models] == ["bisenetv1_r18"] and not reply.models[0].ready
+            async with grpc.aio.insecure_channel(f"localhost:{server.port}") as ch:
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await pb_grpc.SegmentationStub(ch).ListModels(pb.ListModelsRequest(), metadata=AUTH, timeout=5)
+        finally:
+            await server.stop(0)
+            service.pool.shutdown()
+
+    asyncio.run(main())
+
+
 # -- faults (last: they restart the worker and stop the service) ----------------------------------
 def test_stream_survives_a_worker_restart(service, stub, frames, references):
     stop = threading.Event()
