@@ -1,0 +1,522 @@
+"""Train BiSeNetV1 with mmsegmentation's Cityscapes recipe (reference section 3).
+
+    python -m model.train --preset bisenetv1_r18_cityscapes --data data/cityscapes
+    torchrun --nproc_per_node 4 -m model.train --preset bisenetv1_r18_cityscapes --data data/cityscapes
+    python -m model.train --help      # every setting, and the presets
+
+Checkpoints (mmseg layout, `iter_N.pth` + `latest.pth`), `train.log`, `scalars.jsonl` and, when
+TensorBoard is installed, `tensorboard/` land in the work dir. `--resume` continues a run exactly:
+the data order, augmentation and dropout draws are functions of (seed, iteration), and the
+checkpoint holds the optimizer, loss-scale and schedule state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .augment import PhotoMetricDistortion, TrainTransform
+from .bisenet import build_model
+from .checkpoint import CheckpointError
+from .data import IGNORE_INDEX, DatasetError, DatasetInfo, IterationSampler, TrainDataset, check_dataset, open_dataset
+from .distributed import (
+    DistEnv,
+    broadcast_buffers,
+    cleanup_distributed,
+    gather_objects,
+    init_distributed,
+    share_from_main,
+    state_digest,
+)
+from .evaluate import evaluate
+from .iou import format_table
+from .progress import format_duration, progress
+from .schedule import PolyWarmupSchedule
+from .snapshots import (
+    build_meta,
+    check_same_model,
+    clean_state_dict,
+    find_latest,
+    load_backbone_weights,
+    load_pretrained,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
+from .train_config import TrainConfig, build_parser, config_from_args
+from .transforms import MEAN, STD
+
+log = logging.getLogger("model.train")
+LOSS_NAMES = ("decode.loss_ce", "aux_0.loss_ce", "aux_1.loss_ce")
+
+
+class StopTraining(Exception):
+    """Raised by an `on_iteration` callback to end a run early (tests simulate interruptions)."""
+
+
+# -- pieces of the step ------------------------------------------------------------------------
+def segmentation_losses(outputs, label: torch.Tensor, aux_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """mmseg's CrossEntropyLoss per head: logits upsampled bilinearly to the label size, ignore 255,
+    and the mean over ALL label pixels (avg_non_ignore=False: ignored pixels count as zero loss)."""
+    losses = {}
+    for name, logits, weight in zip(LOSS_NAMES, outputs, (1.0, aux_weight, aux_weight)):
+        logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
+        per_pixel = F.cross_entropy(logits, label, ignore_index=IGNORE_INDEX, reduction="none")
+        losses[name] = per_pixel.mean() * weight
+    return losses
+
+
+def normalise_batch(images: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) RGB -> normalised float; the padding becomes 0 as mmseg pads after normalising."""
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
+    x = (images.float() - mean) / std
+    for i, (h, w) in enumerate(valid.tolist()):
+        x[i, :, h:, :] = 0
+        x[i, :, :, w:] = 0
+    return x
+
+
+def iteration_seed(seed: int, iteration: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, iteration, rank]).generate_state(1)[0])
+
+
+def apply_sync_bn(net: nn.Module) -> None:
+    """SyncBN where mmseg uses it: the ResNet and the heads. ContextPath/SpatialPath/FFM are built
+    without norm_cfg in mmseg and keep plain BN (reference section 3, "Norm layers")."""
+    cp = net.backbone.context_path
+    cp.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(cp.backbone)
+    net.decode_head = nn.SyncBatchNorm.convert_sync_batchnorm(net.decode_head)
+    if net.auxiliary_head is not None:
+        net.auxiliary_head = nn.SyncBatchNorm.convert_sync_batchnorm(net.auxiliary_head)
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    checks = [
+        (cfg.iters > 0, f"--iters must be positive, got {cfg.iters}"),
+        # BiSeNet's global-pool branches end in BatchNorm over 1x1 maps (plain BN in ContextPath
+        # even in mmseg), which cannot normalise a single value per channel.
+        (
+            cfg.batch_size >= 2,
+            f"--batch-size must be at least 2 per process (BN after global pooling), got {cfg.batch_size}",
+        ),
+        (cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
+        (cfg.val_interval >= 0 and cfg.ckpt_interval > 0 and cfg.log_interval > 0, "intervals must be positive"),
+        (cfg.workers >= 0, "--workers must be 0 or more"),
+        (cfg.amp in ("none", "bf16", "fp16"), f"--amp must be none, bf16 or fp16, got {cfg.amp}"),
+        (0 < cfg.cat_max_ratio <= 1, "--cat-max-ratio must be in (0, 1]"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+# -- logging -----------------------------------------------------------------------------------
+def setup_logging(work_dir: Path, is_main: bool) -> None:
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    log.propagate = False
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%m/%d %H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if is_main:
+        handlers.append(logging.FileHandler(work_dir / "train.log"))
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        log.addHandler(handler)
+
+
+class Recorder:
+    """scalars.jsonl always; TensorBoard too when installed and wanted (rank 0 only)."""
+
+    def __init__(self, work_dir: Path, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.path = work_dir / "scalars.jsonl"
+        self.writer = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                log.info("TensorBoard is not installed (pip install -e '.[train]'); logging to scalars.jsonl only")
+            else:
+                self.writer = SummaryWriter(str(work_dir / "tensorboard"))
+
+    def write(self, group: str, iteration: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps({"mode": group, "iter": iteration, **values}) + "\n")
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, int | float):
+                    self.writer.add_scalar(f"{group}/{key}", value, iteration)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+# -- the run -----------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, cfg: TrainConfig, env: DistEnv):
+        validate_config(cfg)
+        self.cfg, self.env, self.device = cfg, env, env.device
+        self.work_dir = Path(cfg.resolved_work_dir())
+        if env.is_main:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+        if env.distributed:
+            torch.distributed.barrier()
+        setup_logging(self.work_dir, env.is_main)
+        self.train_info, self.val_info = share_from_main(self._open_data, env)
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank
+        self.net = build_model(cfg.arch, num_classes=self.train_info.num_classes, aux_heads=True)
+        self.start_iter, resume = self._initial_weights()
+        self._configure_backends()
+        if env.distributed and self._use_sync_bn():
+            apply_sync_bn(self.net)
+        self.net.to(self.device)
+        if cfg.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.SGD(
+            self.net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+        self.schedule = PolyWarmupSchedule(
+            cfg.lr, cfg.iters, cfg.power, cfg.min_lr, cfg.warmup_iters, cfg.warmup_ratio, cfg.schedule
+        )
+        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+        if self.amp_dtype is torch.float16 and self.device.type != "cuda":
+            raise ValueError("--amp fp16 needs CUDA; use --amp bf16 on the CPU")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
+        if resume is not None:
+            self.optimizer.load_state_dict(resume["optimizer"])
+            if "scaler" in resume:
+                self.scaler.load_state_dict(resume["scaler"])
+        self.model = self.net
+        if env.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
+        self.recorder = Recorder(self.work_dir, env.is_main, cfg.tensorboard)
+
+    # -- set-up ------------------------------------------------------------------------------
+    def _open_data(self) -> tuple[DatasetInfo, DatasetInfo | None]:
+        cfg = self.cfg
+        train = open_dataset(cfg.data, cfg.train_split, cfg.classes)
+        val = open_dataset(cfg.data, cfg.val_split, cfg.classes) if cfg.val_interval else None
+        per_step = cfg.batch_size * self.env.world_size
+        if per_step > len(train.samples):
+            raise DatasetError(
+                f"batch size {cfg.batch_size} x {self.env.world_size} process(es) = {per_step} images "
+                f"per step, but {train.root} ({train.split}) holds only {len(train.samples)}"
+            )
+        for info in (train, val):
+            if info is not None and (info is train or info.samples != train.samples):
+                log.info(
+                    "checking %d %s samples of %s (%s layout)", len(info.samples), info.split, info.root, info.layout
+                )
+                check_dataset(info, values=cfg.check_labels, show_progress=sys.stderr.isatty())
+        return train, val
+
+    def _initial_weights(self) -> tuple[int, dict | None]:
+        cfg = self.cfg
+        resume_path = None
+        if cfg.resume == "auto":
+            resume_path = find_latest(self.work_dir)
+            if resume_path is None:
+                log.info("--resume: no checkpoint in %s yet, starting from the beginning", self.work_dir)
+        elif cfg.resume:
+            resume_path = Path(cfg.resume)
+        if resume_path is not None:
+            ckpt = load_training_checkpoint(resume_path)
+            check_same_model(resume_path, ckpt["state_dict"], self.net, cfg.arch, ckpt.get("meta"))
+            self.net.load_state_dict(ckpt["state_dict"])
+            state = ckpt["train_state"]
+            self._warn_if_changed(state)
+            log.info("resumed from %s at iteration %d", resume_path, state["iter"])
+            return int(state["iter"]), ckpt
+        if cfg.backbone_weights:
+            log.info("%s", load_backbone_weights(self.net, cfg.backbone_weights))
+        if cfg.load_from:
+            log.info("%s", load_pretrained(self.net, cfg.load_from))
+        return 0, None
+
+    def _warn_if_changed(self, state: dict) -> None:
+        now = {
+            "iters": self.cfg.iters,
+            "batch_size": self.cfg.batch_size,
+            "world_size": self.env.world_size,
+            "seed": self.cfg.seed,
+            "schedule": self.cfg.schedule,
+        }
+        changed = [
+            f"{k} {state.get(k)} -> {v}" for k, v in now.items() if state.get(k) is not None and state.get(k) != v
+        ]
+        if changed:
+            log.warning(
+                "resuming with changed settings (%s): the run will not match an uninterrupted one", ", ".join(changed)
+            )
+
+    def _use_sync_bn(self) -> bool:
+        if self.cfg.sync_bn == "off":
+            return False
+        if self.device.type != "cuda":
+            if self.cfg.sync_bn == "on":
+                log.warning("--sync-bn on: PyTorch's SyncBatchNorm runs on GPUs only; plain BN on the CPU")
+            return False
+        return True
+
+    def _configure_backends(self) -> None:
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = self.cfg.cudnn_benchmark and not self.cfg.deterministic
+        if self.cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+
+    def _loader(self) -> torch.utils.data.DataLoader:
+        cfg = self.cfg
+        transform = TrainTransform(
+            crop=tuple(cfg.crop),
+            scale=tuple(cfg.scale),
+            ratio_range=tuple(cfg.ratio_range),
+            cat_max_ratio=cfg.cat_max_ratio,
+            flip_prob=cfg.flip_prob,
+            photometric=PhotoMetricDistortion() if cfg.photometric else None,
+        )
+        dataset = TrainDataset(self.train_info, transform, cfg.seed)
+        sampler = IterationSampler(
+            len(dataset), cfg.batch_size, self.env.world_size, self.env.rank, cfg.seed, self.start_iter
+        )
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=cfg.workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=cfg.workers > 0,
+        )
+
+    # -- the loop ----------------------------------------------------------------------------
+    def step(self, iteration: int, images, labels, valid) -> dict[str, torch.Tensor]:
+        lr = self.schedule(iteration)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x = normalise_batch(images.to(self.device, non_blocking=True), valid)
+        if self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        labels = labels.to(self.device, non_blocking=True).long()
+        torch.manual_seed(iteration_seed(self.cfg.seed, iteration, self.env.rank))  # dropout draws
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+        )
+        with autocast:
+            outputs = self.model(x)
+        losses = segmentation_losses(outputs, labels, self.cfg.aux_weight)
+        loss = sum(losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return {"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}}
+
+    def run(self, on_iteration: Callable[[int], None] | None = None) -> Path | None:
+        cfg, env = self.cfg, self.env
+        self.model.train()
+        if self.start_iter >= cfg.iters:
+            log.info("nothing to do: the run already reached %d iterations", cfg.iters)
+            return find_latest(self.work_dir)
+        log.info(
+            "training %s (%s) on %s: %d images, %d classes, %d process(es) x batch %d, iterations %d-%d, "
+            "device %s, amp %s",
+            cfg.preset,
+            cfg.arch,
+            self.train_info.root,
+            len(self.train_info.samples),
+            self.train_info.num_classes,
+            env.world_size,
+            cfg.batch_size,
+            self.start_iter,
+            cfg.iters,
+            self.device,
+            cfg.amp,
+        )
+        images_per_step = cfg.batch_size * env.world_size
+        bar = progress(cfg.iters, desc="train", initial=self.start_iter, enabled=env.is_main and sys.stderr.isatty())
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
+        window_start, window_iters, data_time = time.perf_counter(), 0, 0.0
+        run_start, last_path = time.perf_counter(), None
+        batches = iter(self._loader())
+        try:
+            for iteration in range(self.start_iter, cfg.iters):
+                t0 = time.perf_counter()
+                images, labels, valid = next(batches)
+                data_time += time.perf_counter() - t0
+                for key, value in self.step(iteration, images, labels, valid).items():
+                    sums[key] += value
+                done, window_iters = iteration + 1, window_iters + 1
+                bar.update()
+                if done % cfg.log_interval == 0 or done == cfg.iters:
+                    elapsed = time.perf_counter() - window_start
+                    self._log_train(
+                        done,
+                        sums,
+                        window_iters,
+                        elapsed,
+                        data_time,
+                        images_per_step,
+                        bar,
+                        (time.perf_counter() - run_start) / (done - self.start_iter),
+                    )
+                    sums.clear()
+                    window_start, window_iters, data_time = time.perf_counter(), 0, 0.0
+                if done % cfg.ckpt_interval == 0 or done == cfg.iters:
+                    last_path = self.save(done)
+                if self.val_info is not None and (done % cfg.val_interval == 0 or done == cfg.iters):
+                    self.validate(done)
+                if on_iteration is not None:
+                    on_iteration(done)
+        finally:
+            bar.close()
+            self.recorder.close()
+        return last_path
+
+    def _log_train(self, done, sums, n, elapsed, data_time, images_per_step, bar, sec_per_iter) -> None:
+        keys = sorted(sums)
+        values = torch.stack([sums[k] for k in keys]) / n
+        if self.env.distributed:
+            torch.distributed.all_reduce(values)
+            values /= self.env.world_size
+        means = dict(zip(keys, values.tolist()))
+        if not np.isfinite(means["loss"]):
+            raise FloatingPointError(
+                f"the loss became {means['loss']} at iteration {done}; lower --lr or check the data"
+            )
+        lr = self.optimizer.param_groups[0]["lr"]
+        scalars = {
+            "lr": lr,
+            **means,
+            "time": elapsed / n,
+            "data_time": data_time / n,
+            "img_per_s": images_per_step * n / elapsed,
+        }
+        memory = ""
+        if self.device.type == "cuda":
+            scalars["memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+            memory = f"  memory: {scalars['memory_mb']:.0f}MB"
+        eta = format_duration(sec_per_iter * (self.cfg.iters - done))
+        losses = "  ".join(f"{k}: {means[k]:.4f}" for k in ("loss", *LOSS_NAMES) if k in means)
+        log.info(
+            "Iter(train) [%d/%d]  lr: %.4e  eta: %s  time: %.3f  data_time: %.3f  img/s: %.1f%s  %s",
+            done,
+            self.cfg.iters,
+            lr,
+            eta,
+            scalars["time"],
+            scalars["data_time"],
+            scalars["img_per_s"],
+            memory,
+            losses,
+        )
+        bar.set_postfix_str(f"loss {means['loss']:.3f} lr {lr:.2e} {scalars['img_per_s']:.1f} img/s eta {eta}")
+        self.recorder.write("train", done, scalars)
+
+    def save(self, done: int) -> Path | None:
+        """Checkpoint from rank 0; every rank's weights are compared first (they must agree)."""
+        broadcast_buffers(self.net)
+        state = clean_state_dict(self.net)
+        digests = gather_objects(state_digest(state), self.env)
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"ranks hold different weights at iteration {done}: {digests}")
+        path = None
+        if self.env.is_main:
+            cfg, info = self.cfg, self.train_info
+            checkpoint = {
+                "meta": build_meta(
+                    classes=info.classes,
+                    palette=info.palette,
+                    arch=cfg.arch,
+                    iteration=done,
+                    config_json=cfg.to_json(),
+                    seed=cfg.seed,
+                    preset=cfg.preset,
+                ),
+                "state_dict": state,
+                "optimizer": self.optimizer.state_dict(),
+                "train_state": {
+                    "iter": done,
+                    "iters": cfg.iters,
+                    "batch_size": cfg.batch_size,
+                    "world_size": self.env.world_size,
+                    "seed": cfg.seed,
+                    "schedule": cfg.schedule,
+                    "rank_digests": digests,
+                },
+            }
+            if self.scaler.is_enabled():
+                checkpoint["scaler"] = self.scaler.state_dict()
+            path = save_training_checkpoint(self.work_dir, done, checkpoint, self.cfg.max_keep_ckpts)
+            log.info("saved %s", path)
+        if self.env.distributed:
+            torch.distributed.barrier()
+        return path
+
+    def validate(self, done: int) -> dict:
+        broadcast_buffers(self.net)
+        start = time.perf_counter()
+        metrics = evaluate(
+            self.net,
+            self.val_info,
+            self.device,
+            scale=tuple(self.cfg.test_scale),
+            env=self.env,
+            workers=min(self.cfg.workers, 2),
+            show_progress=sys.stderr.isatty(),
+        )
+        self.model.train()
+        log.info(
+            "Iter(val) [%d]  aAcc: %.2f  mIoU: %.2f  mAcc: %.2f  (%.1fs)\n%s",
+            done,
+            metrics["aAcc"],
+            metrics["mIoU"],
+            metrics["mAcc"],
+            time.perf_counter() - start,
+            format_table(self.val_info.classes, metrics),
+        )
+        self.recorder.write("val", done, {k: metrics[k] for k in ("aAcc", "mIoU", "mAcc")})
+        return metrics
+
+
+def train(cfg: TrainConfig, on_iteration: Callable[[int], None] | None = None) -> Path | None:
+    """Run (or resume) training; returns the last checkpoint written. Joins torchrun's group."""
+    env = init_distributed(cfg.device)
+    try:
+        return Trainer(cfg, env).run(on_iteration)
+    finally:
+        cleanup_distributed()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    if args.print_config:
+        print(cfg.to_json())
+        return 0
+    try:
+        path = train(cfg)
+    except (DatasetError, CheckpointError, ValueError, FloatingPointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if path is not None:
+        print(f"final checkpoint: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
