@@ -39,8 +39,8 @@ def _linear_taps(in_len: int, out_len: int, start: int, count: int, clamp_weight
         frac[edge] = 0
         lo = np.clip(lo, 0, in_len - 1)
     scale = np.float32(1 << _COEF_BITS)
-    w1 = np.rint(frac * scale).astype(np.int64)
-    w0 = np.rint((np.float32(1) - frac) * scale).astype(np.int64)
+    w1 = np.rint(frac * scale).astype(np.int32)
+    w0 = np.rint((np.float32(1) - frac) * scale).astype(np.int32)
     return np.clip(lo, 0, in_len - 1), np.clip(lo + 1, 0, in_len - 1), w0, w1
 
 
@@ -55,7 +55,7 @@ def resize_window_bilinear(image: np.ndarray, out_hw: tuple[int, int], window: t
     ylo, yhi, wy0, wy1 = _linear_taps(image.shape[0], out_hw[0], y0, y1 - y0, clamp_weight=False)
     xlo, xhi, wx0, wx1 = _linear_taps(image.shape[1], out_hw[1], x0, x1 - x0, clamp_weight=True)
     first, last = int(ylo.min()), int(yhi.max())
-    rows = image[first : last + 1].astype(np.int64)  # only the source rows the window needs
+    rows = image[first : last + 1].astype(np.int32)  # only the rows the window needs; int32 holds 255 * 2048 * 2
     horizontal = rows[:, xlo] * wx0[None, :, None] + rows[:, xhi] * wx1[None, :, None]
     top, bottom = horizontal[ylo - first] >> 4, horizontal[yhi - first] >> 4
     out = ((wy0[:, None, None] * top) >> 16) + ((wy1[:, None, None] * bottom) >> 16)
@@ -104,8 +104,8 @@ def random_crop_bbox(
 
 # -- photometric distortion (OpenCV's 8-bit HSV, as mmcv.bgr2hsv / hsv2bgr) ---------------------
 _SHIFT = 12
-_SDIV = np.array([0] + [round((255 << _SHIFT) / i) for i in range(1, 256)], dtype=np.int64)
-_HDIV = np.array([0] + [round((180 << _SHIFT) / (6 * i)) for i in range(1, 256)], dtype=np.int64)
+_SDIV = np.array([0] + [round((255 << _SHIFT) / i) for i in range(1, 256)], dtype=np.int32)
+_HDIV = np.array([0] + [round((180 << _SHIFT) / (6 * i)) for i in range(1, 256)], dtype=np.int32)
 
 
 def rgb_to_hsv_u8(rgb: np.ndarray) -> np.ndarray:
@@ -113,7 +113,7 @@ def rgb_to_hsv_u8(rgb: np.ndarray) -> np.ndarray:
 
     mmseg works on BGR and calls COLOR_BGR2HSV; on the same colours both give the same HSV.
     """
-    r, g, b = (rgb[..., i].astype(np.int64) for i in range(3))
+    r, g, b = (rgb[..., i].astype(np.int32) for i in range(3))
     v = np.maximum(np.maximum(r, g), b)
     vmin = np.minimum(np.minimum(r, g), b)
     diff = v - vmin
