@@ -350,6 +350,12 @@ class TrainDataset(torch.utils.data.Dataset):
         image, label = read_image(sample.image), read_label(sample.label)
         if image.shape[:2] != label.shape:
             raise DatasetError(f"{sample.image.name} and {sample.label.name} differ in size")
+        bad = (label >= self.info.num_classes) & (label != IGNORE_INDEX)
+        if bad.any():  # caught here too when the up-front check was skipped
+            values = sorted({int(v) for v in np.unique(label[bad])})[:10]
+            raise DatasetError(
+                f"{sample.label} holds values {values} outside 0-{self.info.num_classes - 1} (and not 255)"
+            )
         rng = np.random.default_rng([self.seed, position])
         image, label, valid = self.transform(image, label.astype(np.uint8, copy=False), rng)
         return (

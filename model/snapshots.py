@@ -23,6 +23,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, read_state_dict
 from .predictor import infer_arch
+from .zoo import ZOO
 
 LATEST = "latest.pth"
 LAST_CHECKPOINT = "last_checkpoint"  # mmengine's pointer file: the path of the newest checkpoint
@@ -192,7 +193,10 @@ def load_backbone_weights(model: nn.Module, source: str) -> str:
 
 def load_pretrained(model: nn.Module, source: str) -> str:
     """Start from another model's weights (fine-tuning): every tensor whose name and shape match;
-    the classifiers are re-initialised when the class count differs. Returns a one-line report."""
+    the classifiers are re-initialised when the class count differs. `source` is a path, a URL or a
+    zoo name (an official Cityscapes checkpoint). Returns a one-line report."""
+    if source in ZOO:
+        source = ZOO[source].url
     state, _ = read_state_dict(source)
     own = model.state_dict()
     loaded = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}

@@ -194,7 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i = parser.add_argument_group("initialisation and resuming")
     i.add_argument("--backbone-weights", help="torchvision-format ImageNet ResNet (path or URL); 'none' for scratch")
-    i.add_argument("--load-from", help="start from a model checkpoint (fine-tuning; a different class count is fine)")
+    i.add_argument(
+        "--load-from",
+        help="start from a model's weights: path, URL or zoo name (fine-tuning; other class counts are fine)",
+    )
     i.add_argument(
         "--resume",
         nargs="?",

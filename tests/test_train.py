@@ -398,3 +398,13 @@ def test_resume_from_another_model_fails_before_any_step(cityscapes, overfit_dir
     with pytest.raises(CheckpointError, match="use --load-from"):
         train(tiny(cityscapes, tmp_path / "c", resume=str(tmp_path / "weights_only.pth")), on_iteration=steps.append)
     assert steps == []
+
+
+def test_skipped_label_check_still_refuses_bad_values_before_a_step(tmp_path):
+    root = make_cityscapes(tmp_path / "cs", n_train=2, n_val=1)
+    for label in (root / "gtFine/train/synth").glob("*labelTrainIds.png"):
+        Image.fromarray(np.full((64, 128), 19, np.uint8)).save(label)
+    steps = []
+    with pytest.raises(DatasetError, match=r"holds values \[19\] outside 0-18"):
+        train(tiny(root, tmp_path / "wd", check_labels=False), on_iteration=steps.append)
+    assert steps == []
