@@ -48,6 +48,13 @@ def fetch_weights(settings: Settings) -> dict[str, str]:
     return weights
 
 
+def _retrieve(future: asyncio.Future) -> None:
+    """Nobody awaits an abandoned request's future: read its outcome so asyncio does not log
+    'Future exception was never retrieved' for every cancelled frame."""
+    if not future.cancelled():
+        future.exception()
+
+
 class SegmentationService:
     def __init__(self, settings: Settings, model_weights: dict[str, str], shm_bytes: int = 1 << 30):
         self.settings = settings
@@ -101,9 +108,15 @@ class SegmentationService:
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
-            # The caller went away mid-decode: give the slot back once the thread is done with it.
-            task.add_done_callback(lambda t: t.exception() or self.dispatcher.slots.release(t.result()[1]))
+            task.add_done_callback(self._release_abandoned)
             raise
+
+    def _release_abandoned(self, task: asyncio.Future) -> None:
+        """The caller went away mid-decode: give the slot back once the thread is done with it, and
+        refresh the gauge (no later submit may come to do it). A cancelled task (pool shut down) holds none."""
+        if not task.cancelled() and task.exception() is None:
+            self.dispatcher.slots.release(task.result()[1])
+            self.metrics.shm_slots.set(self.dispatcher.slots.in_use)
 
     async def segment(self, model: str, protocol: str, *, data: bytes | None = None, rgb: np.ndarray | None = None,
                       deadline_ms: int | None = None, link: WorkerLink | None = None) -> Served:  # fmt: skip
@@ -124,9 +137,11 @@ class SegmentationService:
                 result = await asyncio.wait_for(asyncio.shield(future), max(timeout, 0.001))
             except TimeoutError:
                 self.dispatcher.cancel(future)
+                future.add_done_callback(_retrieve)
                 raise ServiceError("deadline_exceeded", "the deadline passed before the result was ready") from None
             except asyncio.CancelledError:
                 self.dispatcher.cancel(future)  # the client went away: drop it if still queued
+                future.add_done_callback(_retrieve)
                 raise
         finally:
             self.dispatcher.release(model)
