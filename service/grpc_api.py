@@ -362,7 +362,8 @@ async def start_grpc_server(service: SegmentationService, settings: Settings) ->
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    address = f"{settings.host}:{settings.grpc_port}"
+    host = f"[{settings.host}]" if ":" in settings.host and not settings.host.startswith("[") else settings.host
+    address = f"{host}:{settings.grpc_port}"  # IPv6 literals in brackets, as gRPC wants them
     if settings.tls_cert:
         credentials = grpc.ssl_server_credentials([(Path(settings.tls_key).read_bytes(),
                                                     Path(settings.tls_cert).read_bytes())])  # fmt: skip
