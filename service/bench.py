@@ -123,14 +123,15 @@ async def open_loop(send, rate: float, requests: int, seconds: float, seed: int 
     return level
 
 
-def raw_engine(model: str, weights: str, device: str, size: tuple[int, int], batch: int, seconds: float) -> float:
-    """Images/s of the worker's engine alone (same weights, device, batch), in this process."""
+def raw_engine(model: str, weights: str, device: str, size: tuple[int, int], batch: int, seconds: float,
+               scale: tuple[int, int] = (2048, 1024)) -> float:  # fmt: skip
+    """Images/s of the worker's engine alone (same weights, device, batch, resize), in this process."""
     import torch
 
     from model import Segmenter
 
     torch.manual_seed(0)
-    seg = Segmenter(model, weights=weights, device=device)
+    seg = Segmenter(model, weights=weights, device=device, scale=scale)
     image = np.asarray(Image.open(io.BytesIO(test_image(size, None))).convert("RGB"))
     batch_images = np.stack([image] * batch)
     seg.engine.warmup([size], (batch,))
@@ -244,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if _has_cuda() else "cpu", help="device for the raw engine")
     p.add_argument("--raw-batch", type=int, default=1, help="batch size for the raw engine measurement")
     p.add_argument("--size", default="512x1024", help="HxW of the JPEG sent")
+    p.add_argument("--resize-scale", default=None,
+                   help="the service's --resize-scale, for the raw engine (default: read from --spawn, else 2048x1024)")
     p.add_argument("--image", help="a photo to send instead of the built-in one")
     p.add_argument("--format", default="png", choices=["png", "raw", "json", "overlay"])
     p.add_argument("--concurrency", default="1,8")
@@ -271,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         args.grpc = f"127.0.0.1:{grpc_port}"
     stream_levels, capacity = [], None
     try:
-        raw = raw_engine(args.raw_model, args.raw_weights, args.device, size, args.raw_batch, min(args.seconds, 20))
+        raw = raw_engine(args.raw_model, args.raw_weights, args.device, size, args.raw_batch, min(args.seconds, 20),
+                         resize_scale(args))  # fmt: skip
         levels = asyncio.run(run(args))
         if args.streams or args.capacity:
             stream_levels, capacity = asyncio.run(run_streams(args))
@@ -288,6 +292,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ncapacity: {capacity} concurrent stream(s) of {args.size} frames at {args.target_fps:g} fps "
               f"(p99 within {1000 / args.target_fps:.1f} ms, <= 1% dropped) on {args.device}")
     return 0
+
+
+def resize_scale(args) -> tuple[int, int]:
+    """The test-time resize the service runs with, so the raw engine does the same work."""
+    text = args.resize_scale
+    if text is None and args.spawn:
+        spawn = shlex.split(args.spawn)
+        if "--resize-scale" in spawn:
+            text = spawn[spawn.index("--resize-scale") + 1]
+    h, w = (int(v) for v in (text or "2048x1024").lower().split("x"))
+    return h, w
 
 
 def _has_cuda() -> bool:
