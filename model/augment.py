@@ -127,11 +127,14 @@ def rgb_to_hsv_u8(rgb: np.ndarray) -> np.ndarray:
 _SECTORS = np.array([[1, 3, 0], [1, 0, 2], [3, 0, 1], [0, 2, 1], [0, 1, 3], [2, 1, 0]])  # b, g, r taps
 
 
-def hsv_to_rgb_u8(hsv: np.ndarray) -> np.ndarray:
-    """OpenCV COLOR_HSV2RGB on uint8: float32 sector arithmetic, rounded half to even.
+def hsv_to_rgb_u8(hsv: np.ndarray, simd_pixels: int = 32) -> np.ndarray:
+    """OpenCV COLOR_HSV2RGB on uint8 (H in 0-179): float32 sector arithmetic, as OpenCV computes it.
 
-    OpenCV's kernel fuses `1 - s*h` into one multiply-add; the float64 product of two float32
-    values is exact, so rounding `1 - s*h` once to float32 reproduces it.
+    OpenCV fuses `1 - s*h` into one multiply-add (the float64 product of two float32 values is
+    exact, so rounding `1 - s*h` once to float32 reproduces it). Its vector kernel converts whole
+    groups of `simd_pixels` pixels per row (32 with the AVX2 build) and truncates to uint8; the
+    leftover pixels at the end of a row go through the scalar code, which rounds to nearest even.
+    Rows as wide as the recipe's 1024-pixel crops are all vector groups.
     """
     f32 = np.float32
     h = hsv[..., 0].astype(f32) * f32(6.0 / 180.0)
@@ -144,8 +147,12 @@ def hsv_to_rgb_u8(hsv: np.ndarray) -> np.ndarray:
         [v, v * (f32(1) - s), v * (1.0 - s64 * frac).astype(f32), v * (1.0 - s64 * (f32(1) - frac)).astype(f32)],
         axis=-1,
     )
-    bgr = np.take_along_axis(tab, _SECTORS[sector], axis=-1)
-    return np.rint(bgr[..., ::-1] * f32(255)).clip(0, 255).astype(np.uint8)
+    rgb = np.take_along_axis(tab, _SECTORS[sector], axis=-1)[..., ::-1] * f32(255)
+    vector_end = hsv.shape[-2] - hsv.shape[-2] % simd_pixels
+    out = np.empty(rgb.shape, np.uint8)
+    out[..., :vector_end, :] = np.trunc(rgb[..., :vector_end, :]).clip(0, 255)
+    out[..., vector_end:, :] = np.rint(rgb[..., vector_end:, :]).clip(0, 255)
+    return out
 
 
 def _scale_shift(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:

@@ -195,7 +195,10 @@ def test_hsv_matches_opencv():
     rgb, hsv = (np.array(a, np.uint8) for a in CV2_RGB2HSV)
     assert (rgb_to_hsv_u8(rgb) == hsv).all()
     hsv, rgb = (np.array(a, np.uint8) for a in CV2_HSV2RGB)
-    assert (hsv_to_rgb_u8(hsv) == rgb).all()
+    assert (hsv_to_rgb_u8(hsv) == rgb).all()  # a 6-pixel row: OpenCV's scalar code, which rounds
+    # 32-pixel groups go through OpenCV's vector kernel, which truncates; the 33rd pixel is scalar
+    row = hsv_to_rgb_u8(np.tile(np.array([37, 163, 130], np.uint8), (1, 33, 1)))
+    assert row[0, :32].tolist() == [[110, 130, 46]] * 32 and row[0, 32].tolist() == [111, 130, 47]
 
 
 def test_photometric_distortion_is_seeded_and_changes_colours():
