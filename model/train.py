@@ -244,10 +244,10 @@ class Trainer:
             self._warn_if_changed(state)
             log.info("resumed from %s at iteration %d", resume_path, state["iter"])
             return int(state["iter"]), ckpt
-        if cfg.backbone_weights:
-            log.info("%s", load_backbone_weights(self.net, cfg.backbone_weights))
-        if cfg.load_from:
+        if cfg.load_from:  # a whole model's weights make the ImageNet backbone init moot
             log.info("%s", load_pretrained(self.net, cfg.load_from))
+        elif cfg.backbone_weights:
+            log.info("%s", load_backbone_weights(self.net, cfg.backbone_weights))
         return 0, None
 
     def _warn_if_changed(self, state: dict) -> None:
