@@ -44,6 +44,10 @@ from .transforms import logits_to_labels, normalise
 VARIANTS = ("eager", "fold", "channels_last", "fp16", "bf16", "graphs", "batch", "compile", "engine")
 
 
+def short_dtype(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+
+
 @dataclass
 class Row:
     model: str
@@ -197,7 +201,7 @@ class Bench:
                 batch_np = np.ascontiguousarray(host[:n])
                 if engine.cuda_graphs:
                     engine.warmup([(a.height, a.width)], buckets=(engine.bucket_for(n),))
-                add("engine.segment (host->host)", n, str(engine.dtype).replace("torch.", ""),
+                add("engine.segment (host->host)", n, short_dtype(engine.dtype),
                     lambda b=batch_np, e=engine: e.segment(b),
                     note="graphs" if engine.cuda_graphs else "eager")  # fmt: skip
         return rows
@@ -217,7 +221,7 @@ class Bench:
                 fn = make_pipeline(compiled, dtype, self.cuda)
                 batch = frames[:n]
                 start = time.perf_counter()
-                row = Row(short, f"torch.compile ({mode})", n, str(dtype).replace("torch.", ""))
+                row = Row(short, f"torch.compile ({mode})", n, short_dtype(dtype))
                 try:
                     with torch.inference_mode():
                         fn(batch)  # compiles

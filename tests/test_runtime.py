@@ -191,3 +191,18 @@ def test_cuda_fp16_close_to_fp32(net, photo):
     for dtype in ("fp16", "bf16"):
         out = SegmentationEngine(net, "cuda", dtype).segment(photo[None])
         assert (out == fp32).mean() >= 0.98, dtype
+
+
+# -- the benchmark does not rot --------------------------------------------------------------
+
+
+def test_bench_runs_on_cpu(capsys):
+    from model import bench
+
+    argv = ["--models", "bisenetv1_r18", "--height", "32", "--width", "64", "--batches", "1", "2", "--iters", "1"]
+    argv += ["--warmup", "0", "--variants", "eager", "fold", "channels_last", "fp16", "graphs", "batch", "engine"]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| R18 | eager (mmseg-style) | 1 | fp32 |" in out and "| R18 | + BN folding | 1 | fp32 |" in out
+    assert "skipped: CUDA only" in out and "engine.segment (host->host) | 2 |" in out
+    assert "failed" not in out
