@@ -33,6 +33,16 @@ from model.zoo import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: on a small shared CPU, two spinning OpenMP threads competing with other
+    processes make tiny steps tens of times slower; results do not depend on it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny(data_root, work_dir, **overrides) -> TrainConfig:
     """The recipe at toy scale: 64x128 images kept near their size, R18, CPU, no workers."""
     base = dict(
@@ -67,7 +77,10 @@ def cityscapes(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def overfit_dir(cityscapes, tmp_path_factory) -> Path:
     work_dir = tmp_path_factory.mktemp("overfit")
-    train(tiny(cityscapes, work_dir, iters=60, ckpt_interval=60, val_interval=60, val_split="train"))
+    # Overfitting wants the training pixels to be the evaluated ones: no rescaling or colour jitter
+    # here (the resume and torchrun tests run the full augmentation).
+    settings = dict(iters=80, ckpt_interval=80, val_interval=80, val_split="train", ratio_range=(1.0, 1.0))
+    train(tiny(cityscapes, work_dir, photometric=False, **settings))
     return work_dir
 
 
@@ -79,7 +92,7 @@ def read_scalars(work_dir: Path) -> list[dict]:
 def test_short_run_overfits_a_few_images(overfit_dir, cityscapes):
     records = read_scalars(overfit_dir)
     losses = [r["loss"] for r in records if r["mode"] == "train"]
-    assert len(losses) == 12 and losses[-1] < 0.3 * losses[0]
+    assert len(losses) == 16 and losses[-1] < 0.3 * losses[0]
     final = [r for r in records if r["mode"] == "val"][-1]
     torch.manual_seed(0)
     untrained = evaluate(
@@ -91,23 +104,23 @@ def test_short_run_overfits_a_few_images(overfit_dir, cityscapes):
         show_progress=False,
     )
     # 4 classes are present; an untrained network scores a few percent
-    assert final["iter"] == 60 and final["mIoU"] > 60 and final["mIoU"] > 3 * untrained["mIoU"]
+    assert final["iter"] == 80 and final["mIoU"] > 60 and final["mIoU"] > 3 * untrained["mIoU"]
     log = (overfit_dir / "train.log").read_text()
-    assert "Iter(train) [60/60]" in log and "img/s" in log and "eta" in log and "Iter(val) [60]" in log
+    assert "Iter(train) [80/80]" in log and "img/s" in log and "eta" in log and "Iter(val) [80]" in log
 
 
 def test_checkpoints_have_mmsegmentations_layout(overfit_dir):
     latest = overfit_dir / "latest.pth"
-    assert latest.resolve() == (overfit_dir / "iter_60.pth").resolve()
-    assert Path((overfit_dir / "last_checkpoint").read_text().strip()) == (overfit_dir / "iter_60.pth").resolve()
+    assert latest.resolve() == (overfit_dir / "iter_80.pth").resolve()
+    assert Path((overfit_dir / "last_checkpoint").read_text().strip()) == (overfit_dir / "iter_80.pth").resolve()
     ckpt = torch.load(latest, map_location="cpu", weights_only=True)
     official_keys = list(build_model("bisenetv1_r18").state_dict())  # the official file's 222 keys
     assert list(ckpt["state_dict"]) == official_keys and len(official_keys) == 222
     meta = ckpt["meta"]
     assert meta["CLASSES"] == CITYSCAPES_CLASSES and meta["PALETTE"] == [list(c) for c in CITYSCAPES_PALETTE]
     assert meta["dataset_meta"] == {"classes": CITYSCAPES_CLASSES, "palette": meta["PALETTE"]}
-    assert meta["iter"] == 60 and meta["arch"] == "bisenetv1_r18" and json.loads(meta["config"])["iters"] == 60
-    assert ckpt["train_state"]["iter"] == 60 and "state" in ckpt["optimizer"]
+    assert meta["iter"] == 80 and meta["arch"] == "bisenetv1_r18" and json.loads(meta["config"])["iters"] == 80
+    assert ckpt["train_state"]["iter"] == 80 and "state" in ckpt["optimizer"]
     assert not list(overfit_dir.glob(".*tmp"))  # atomic writes leave no temporaries
 
 
