@@ -229,13 +229,9 @@ class Trainer:
 
     def _initial_weights(self) -> tuple[int, dict | None]:
         cfg = self.cfg
-        resume_path = None
-        if cfg.resume == "auto":
-            resume_path = find_latest(self.work_dir)
-            if resume_path is None:
-                log.info("--resume: no checkpoint in %s yet, starting from the beginning", self.work_dir)
-        elif cfg.resume:
-            resume_path = Path(cfg.resume)
+        # Rank 0 picks the file so that every process resumes from the same one (the work dir must
+        # be on storage that all nodes see, as checkpoints are written by rank 0 only).
+        resume_path = share_from_main(self._resume_path, self.env)
         if resume_path is not None:
             ckpt = load_training_checkpoint(resume_path)
             check_same_model(resume_path, ckpt["state_dict"], self.net, cfg.arch, ckpt.get("meta"))
@@ -249,6 +245,14 @@ class Trainer:
         elif cfg.backbone_weights:
             log.info("%s", load_backbone_weights(self.net, cfg.backbone_weights))
         return 0, None
+
+    def _resume_path(self) -> Path | None:
+        if self.cfg.resume == "auto":
+            path = find_latest(self.work_dir)
+            if path is None:
+                log.info("--resume: no checkpoint in %s yet, starting from the beginning", self.work_dir)
+            return path
+        return Path(self.cfg.resume) if self.cfg.resume else None
 
     def _warn_if_changed(self, state: dict) -> None:
         now = {
@@ -376,10 +380,13 @@ class Trainer:
                     )
                     sums.clear()
                     window_start, window_iters, data_time = time.perf_counter(), 0, 0.0
+                paused = time.perf_counter()
                 if done % cfg.ckpt_interval == 0 or done == cfg.iters:
                     last_path = self.save(done)
                 if self.val_info is not None and (done % cfg.val_interval == 0 or done == cfg.iters):
                     self.validate(done)
+                paused = time.perf_counter() - paused  # saving and validating are not training speed
+                window_start, run_start = window_start + paused, run_start + paused
                 if on_iteration is not None:
                     on_iteration(done)
         finally:
