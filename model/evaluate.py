@@ -33,6 +33,7 @@ from .iou import IoUMetric, format_table
 from .predictor import infer_arch
 from .progress import progress
 from .snapshots import num_classes_of
+from .train_config import size_pair
 from .transforms import TEST_SCALE, logits_to_labels, normalise, test_size
 from .zoo import ZOO
 
@@ -156,8 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     parser.add_argument("--json", dest="json_out", help="also write the metrics to this JSON file")
     args = parser.parse_args(argv)
-    from .train_config import size_pair
-
     env = init_distributed(args.device)
     try:
         info = open_dataset(args.data, args.split, args.classes)
