@@ -271,7 +271,8 @@ def test_mirror_url_and_folder(server, cache, tmp_path, monkeypatch, r18_checkpo
     mirror_dir = server.root / "mirror"
     mirror_dir.mkdir()
     name = publish(r18_checkpoint, mirror_dir)
-    official = f"https://download.openmmlab.com/mmsegmentation/v0.5/bisenetv1/some_config/{name}"
+    # Stands for the official host; on a closed loopback port, so a broken mirror can reach nothing.
+    official = f"http://127.0.0.1:{_closed_port()}/mmsegmentation/v0.5/bisenetv1/some_config/{name}"
     monkeypatch.setenv("BISENET_WEIGHTS_MIRROR", f"{server.url}/mirror/")
     path = download(official)
     assert path == cache / name and server.requests == [f"/mirror/{name}"]
