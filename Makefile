@@ -22,6 +22,7 @@ run: venv
 test: venv
 	bash tools/ensure_deploy_tools.sh $(VENV)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q $(ARGS)
 
 lint: venv

@@ -5,5 +5,13 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .predictor import Segmenter
 from .zoo import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, ZOO
 
-__all__ = ["BiSeNetV1", "build_model", "load_checkpoint", "CheckpointError", "Segmenter",
-           "CITYSCAPES_CLASSES", "CITYSCAPES_PALETTE", "ZOO"]  # fmt: skip
+__all__ = [
+    "BiSeNetV1",
+    "build_model",
+    "load_checkpoint",
+    "CheckpointError",
+    "Segmenter",
+    "CITYSCAPES_CLASSES",
+    "CITYSCAPES_PALETTE",
+    "ZOO",
+]

@@ -190,8 +190,12 @@ class Bench:
                     best_cl = self.faster_layout(rows)
                     net_n = cl_net if best_cl else folded
                     layout = "channels_last" if best_cl else "NCHW"
-                    add(f"+ batching (folded, {layout})", n, "fp32",
-                        lambda b=batch, m=net_n, c=best_cl: make_pipeline(m, fp32, c)(b))  # fmt: skip
+                    add(
+                        f"+ batching (folded, {layout})",
+                        n,
+                        "fp32",
+                        lambda b=batch, m=net_n, c=best_cl: make_pipeline(m, fp32, c)(b),
+                    )
         if "compile" in want:
             rows += self.compile_rows(short, plain, frames)
         if "engine" in want:
@@ -201,9 +205,13 @@ class Bench:
                 batch_np = np.ascontiguousarray(host[:n])
                 if engine.cuda_graphs:
                     engine.warmup([(a.height, a.width)], buckets=(engine.bucket_for(n),))
-                add("engine.segment (host->host)", n, short_dtype(engine.dtype),
+                add(
+                    "engine.segment (host->host)",
+                    n,
+                    short_dtype(engine.dtype),
                     lambda b=batch_np, e=engine: e.segment(b),
-                    note="graphs" if engine.cuda_graphs else "eager")  # fmt: skip
+                    note="graphs" if engine.cuda_graphs else "eager",
+                )
         return rows
 
     def compile_rows(self, short: str, plain: nn.Module, frames: torch.Tensor) -> list[Row]:
@@ -277,12 +285,19 @@ def agreement(models: list[str], device: torch.device) -> None:
     the mmseg test size (astronaut 512x512 -> 1024x1024, coffee, chelsea, rocket upscaled)."""
     from skimage import data
 
-    photos = {"astronaut": data.astronaut(), "coffee": data.coffee(), "chelsea": data.chelsea(),
-              "rocket": data.rocket()}  # fmt: skip
+    photos = {
+        "astronaut": data.astronaut(),
+        "coffee": data.coffee(),
+        "chelsea": data.chelsea(),
+        "rocket": data.rocket(),
+    }
     configs = {"fold": {"dtype": "fp32"}, "fold+channels_last": {"dtype": "fp32", "channels_last": True}}
     if device.type == "cuda":
-        configs |= {"fp16": {"dtype": "fp16", "cuda_graphs": False}, "bf16": {"dtype": "bf16", "cuda_graphs": False},
-                    "fp16+graphs": {"dtype": "fp16", "cuda_graphs": True, "lazy_capture_after": 1}}  # fmt: skip
+        configs |= {
+            "fp16": {"dtype": "fp16", "cuda_graphs": False},
+            "bf16": {"dtype": "bf16", "cuda_graphs": False},
+            "fp16+graphs": {"dtype": "fp16", "cuda_graphs": True, "lazy_capture_after": 1},
+        }
     print("| model | configuration | " + " | ".join(photos) + " |")
     print("|" + "---|" * (2 + len(photos)))
     for name in models:
@@ -302,8 +317,10 @@ def format_row(r: Row) -> str:
     def num(v, fmt):
         return format(v, fmt) if v is not None else "-"
 
-    return (f"| {r.model} | {r.variant} | {r.batch} | {r.dtype} | {num(r.images_per_s, '.1f')} | "
-            f"{num(r.latency_ms, '.1f')} | {num(r.p90_ms, '.1f')} | {r.note} |")  # fmt: skip
+    return (
+        f"| {r.model} | {r.variant} | {r.batch} | {r.dtype} | {num(r.images_per_s, '.1f')} | "
+        f"{num(r.latency_ms, '.1f')} | {num(r.p90_ms, '.1f')} | {r.note} |"
+    )
 
 
 def device_name(device: torch.device) -> str:
@@ -317,9 +334,12 @@ def device_name(device: torch.device) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m model.bench", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m model.bench",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--models", nargs="+", default=["bisenetv1_r18", "bisenetv1_r50"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--height", type=int, help="frame height (default 1024 on CUDA, 256 on the CPU)")
@@ -331,8 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-seconds", type=float, default=None, help="time per row at most (default 5 / 3)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--quiet", action="store_true", help="print only the final table")
-    parser.add_argument("--agreement", action="store_true",
-                        help="also print label agreement of each fast configuration with eager fp32 on real photos")  # fmt: skip
+    parser.add_argument(
+        "--agreement",
+        action="store_true",
+        help="also print label agreement of each fast configuration with eager fp32 on real photos",
+    )
     return parser
 
 

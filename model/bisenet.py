@@ -45,7 +45,9 @@ class AttentionRefinementModule(nn.Module):
     def __init__(self, cin: int, cout: int):
         super().__init__()
         self.conv_layer = ConvModule(cin, cout, 3, 1, 1)
-        self.atten_conv_layer = nn.Sequential(nn.AdaptiveAvgPool2d(1), ConvModule(cout, cout, 1, act=False), nn.Sigmoid())
+        self.atten_conv_layer = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), ConvModule(cout, cout, 1, act=False), nn.Sigmoid()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.conv_layer(x)

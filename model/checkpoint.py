@@ -119,7 +119,7 @@ def read_state_dict(source: str | os.PathLike) -> tuple["OrderedDict[str, torch.
     state = obj["state_dict"] if isinstance(obj.get("state_dict"), dict) else obj
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} has no state_dict of tensors")
-    cleaned = OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in state.items())
+    cleaned = OrderedDict((k[len("module.") :] if k.startswith("module.") else k, v) for k, v in state.items())
     return cleaned, meta
 
 
@@ -139,8 +139,11 @@ def load_checkpoint(net: nn.Module, source: str | os.PathLike, strict_aux: bool 
     if not strict_aux:
         missing = [k for k in missing if not k.startswith("auxiliary_head.")]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]  # fmt: skip
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
         raise CheckpointError(_mismatch_message(source, missing, unexpected, shapes))
     net.load_state_dict(state, strict=False)
@@ -155,8 +158,13 @@ def _mismatch_message(source, missing, unexpected, shapes) -> str:
     hint = ""
     if any(k.startswith("decode_head.conv_seg.weight:") for k in shapes):
         hint = "\n  (the class count differs: build the model with num_classes matching the checkpoint)"
-    return (f"checkpoint {source} does not match the network:" + block("missing keys", missing)
-            + block("unexpected keys", unexpected) + block("wrong shapes", shapes) + hint)  # fmt: skip
+    return (
+        f"checkpoint {source} does not match the network:"
+        + block("missing keys", missing)
+        + block("unexpected keys", unexpected)
+        + block("wrong shapes", shapes)
+        + hint
+    )
 
 
 def checkpoint_num_classes(source: str | os.PathLike) -> int:

@@ -52,8 +52,15 @@ class LabelsHead(nn.Module):
         return logits.argmax(dim=1).to(torch.uint8)
 
 
-def export_onnx(net: nn.Module, output: str | Path, height: int = 1024, width: int = 2048,
-                outputs: str = "logits", opset: int = 18, metadata: dict | None = None) -> Path:  # fmt: skip
+def export_onnx(
+    net: nn.Module,
+    output: str | Path,
+    height: int = 1024,
+    width: int = 2048,
+    outputs: str = "logits",
+    opset: int = 18,
+    metadata: dict | None = None,
+) -> Path:
     """Write `net` (eval, BN folded here) as ONNX with a dynamic batch dimension; returns the path."""
     if outputs not in OUTPUTS:
         raise ValueError(f"outputs must be one of {OUTPUTS}, got {outputs!r}")
@@ -66,14 +73,27 @@ def export_onnx(net: nn.Module, output: str | Path, height: int = 1024, width: i
     example = torch.zeros(2, 3, height, width)
     batch = torch.export.Dim("batch", min=1, max=1024)
     program = torch.onnx.export(
-        module, (example,), input_names=["image"], output_names=[outputs], opset_version=opset,
-        dynamo=True, dynamic_shapes=({0: batch},), external_data=False, verbose=False,
-    )  # fmt: skip
+        module,
+        (example,),
+        input_names=["image"],
+        output_names=[outputs],
+        opset_version=opset,
+        dynamo=True,
+        dynamic_shapes=({0: batch},),
+        external_data=False,
+        verbose=False,
+    )
     import onnx
 
     model = program.model_proto
-    meta = {"mean": json.dumps(MEAN), "std": json.dumps(STD), "input_size": json.dumps([height, width]),
-            "outputs": outputs, "layout": "NCHW RGB float32, normalised", **(metadata or {})}  # fmt: skip
+    meta = {
+        "mean": json.dumps(MEAN),
+        "std": json.dumps(STD),
+        "input_size": json.dumps([height, width]),
+        "outputs": outputs,
+        "layout": "NCHW RGB float32, normalised",
+        **(metadata or {}),
+    }
     for key, value in meta.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, str(value)
@@ -88,13 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", default="bisenetv1_r18", help="bisenetv1_r18, bisenetv1_r50 or a zoo entry name")
-    parser.add_argument("--weights", default=None,
-                        help="zoo entry, path, http(s) URL or 'random' (default: the model's zoo checkpoint)")  # fmt: skip
+    parser.add_argument(
+        "--weights", default=None, help="zoo entry, path, http(s) URL or 'random' (default: the model's zoo checkpoint)"
+    )
     parser.add_argument("--output", required=True, type=Path, help="where to write the .onnx file")
     parser.add_argument("--height", type=int, default=1024, help="input height fixed in the graph (default 1024)")
     parser.add_argument("--width", type=int, default=2048, help="input width fixed in the graph (default 2048)")
-    parser.add_argument("--outputs", choices=OUTPUTS, default="logits",
-                        help="logits: (N, C, H/8, W/8) float32 (default); labels: (N, H, W) uint8 argmax")  # fmt: skip
+    parser.add_argument(
+        "--outputs",
+        choices=OUTPUTS,
+        default="logits",
+        help="logits: (N, C, H/8, W/8) float32 (default); labels: (N, H, W) uint8 argmax",
+    )
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     parser.add_argument("--num-classes", type=int, default=None, help="class count when it is not 19")
     return parser
@@ -108,10 +133,19 @@ def main(argv: list[str] | None = None) -> int:
     net = build_model(arch, num_classes=num_classes, aux_heads=False).eval()
     meta = load_checkpoint(net, source) if source is not None else {}
     classes, _ = class_info(meta, num_classes)
-    path = export_onnx(net, args.output, args.height, args.width, args.outputs, args.opset,
-                       {"arch": arch, "weights": source or "random", "classes": json.dumps(classes)})  # fmt: skip
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): {arch}, input image (N, 3, {args.height}, "
-          f"{args.width}) float32, output {args.outputs}")  # fmt: skip
+    path = export_onnx(
+        net,
+        args.output,
+        args.height,
+        args.width,
+        args.outputs,
+        args.opset,
+        {"arch": arch, "weights": source or "random", "classes": json.dumps(classes)},
+    )
+    print(
+        f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): {arch}, input image (N, 3, {args.height}, "
+        f"{args.width}) float32, output {args.outputs}"
+    )
     return 0
 
 

@@ -47,9 +47,15 @@ class Segmenter:
     'random'. The class count, names and palette follow the checkpoint (its `meta` when present).
     """
 
-    def __init__(self, name: str = "bisenetv1_r18", weights: str | os.PathLike | None = None,
-                 device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-                 num_classes: int | None = None, **engine_options):  # fmt: skip
+    def __init__(
+        self,
+        name: str = "bisenetv1_r18",
+        weights: str | os.PathLike | None = None,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+        num_classes: int | None = None,
+        **engine_options,
+    ):
         self.name = name
         self.weights = resolve_weights(name, weights)
         meta: dict = {}
@@ -57,7 +63,9 @@ class Segmenter:
         state: dict = {}
         if self.weights is not None:
             state, meta = read_state_dict(self.weights)
-            state_classes = int(state["decode_head.conv_seg.bias"].shape[0]) if "decode_head.conv_seg.bias" in state else None
+            state_classes = (
+                int(state["decode_head.conv_seg.bias"].shape[0]) if "decode_head.conv_seg.bias" in state else None
+            )
         self.arch = resolve_arch(name) if is_known(name) or not state else infer_arch(state)
         self.num_classes = num_classes or state_classes or 19
         net = build_model(self.arch, num_classes=self.num_classes, aux_heads=False)

@@ -27,8 +27,14 @@ from .transforms import TEST_SCALE, logits_to_labels, normalise, test_size
 log = logging.getLogger(__name__)
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16)
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}  # fmt: skip
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -188,9 +194,7 @@ class SegmentationEngine:
         return {
             "graph_replays": self.replays,
             "graph_misses": self.misses,
-            "graphs": [
-                {"height": h, "width": w, "buckets": sorted(graphs)} for (h, w), graphs in self._graphs.items()
-            ],
+            "graphs": [{"height": h, "width": w, "buckets": sorted(graphs)} for (h, w), graphs in self._graphs.items()],
             "capture_seconds": round(self.capture_seconds, 3),
         }
 

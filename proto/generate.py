@@ -22,13 +22,20 @@ def generate(out: Path = OUT) -> list[Path]:
     from grpc_tools import protoc
 
     out.mkdir(parents=True, exist_ok=True)
-    args = ["protoc", f"-I{PROTO.parent}", f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}",
-            str(PROTO)]  # fmt: skip
+    args = [
+        "protoc",
+        f"-I{PROTO.parent}",
+        f"--python_out={out}",
+        f"--pyi_out={out}",
+        f"--grpc_python_out={out}",
+        str(PROTO),
+    ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed on {PROTO}")
     grpc_stub = out / "segmentation_pb2_grpc.py"
-    text = re.sub(r"^import segmentation_pb2 as", "from . import segmentation_pb2 as", grpc_stub.read_text(),
-                  flags=re.MULTILINE)  # fmt: skip
+    text = re.sub(
+        r"^import segmentation_pb2 as", "from . import segmentation_pb2 as", grpc_stub.read_text(), flags=re.MULTILINE
+    )
     grpc_stub.write_text(text)
     init = out / "__init__.py"
     if not init.exists():

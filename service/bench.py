@@ -123,8 +123,15 @@ async def open_loop(send, rate: float, requests: int, seconds: float, seed: int 
     return level
 
 
-def raw_engine(model: str, weights: str, device: str, size: tuple[int, int], batch: int, seconds: float,
-               scale: tuple[int, int] = (2048, 1024)) -> float:  # fmt: skip
+def raw_engine(
+    model: str,
+    weights: str,
+    device: str,
+    size: tuple[int, int],
+    batch: int,
+    seconds: float,
+    scale: tuple[int, int] = (2048, 1024),
+) -> float:
     """Images/s of the worker's engine alone (same weights, device, batch, resize), in this process."""
     import torch
 
@@ -150,8 +157,18 @@ def free_port() -> int:
 
 def spawn_service(extra_args: str, timeout: float = 600.0, grpc_port: int = 0) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--http-port", str(port), "--grpc-port",
-           str(grpc_port), *shlex.split(extra_args)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "service",
+        "--host",
+        "127.0.0.1",
+        "--http-port",
+        str(port),
+        "--grpc-port",
+        str(grpc_port),
+        *shlex.split(extra_args),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout
@@ -173,9 +190,11 @@ def print_table(levels: list[Level], budget: float, raw: float, device: str) -> 
     print("| mode | load | ok/sent | images/s | vs raw | p50 ms | p90 ms | p99 ms | within budget |")
     print("|---|---|---|---|---|---|---|---|---|")
     for lv in levels:
-        print(f"| {lv.mode} | {lv.load} | {lv.ok}/{lv.sent} | {lv.throughput:.2f} | {lv.throughput / raw:.0%} | "
-              f"{lv.percentile(50) * 1000:.1f} | {lv.percentile(90) * 1000:.1f} | {lv.percentile(99) * 1000:.1f} | "
-              f"{lv.within(budget):.0%} |")  # fmt: skip
+        print(
+            f"| {lv.mode} | {lv.load} | {lv.ok}/{lv.sent} | {lv.throughput:.2f} | {lv.throughput / raw:.0%} | "
+            f"{lv.percentile(50) * 1000:.1f} | {lv.percentile(90) * 1000:.1f} | {lv.percentile(99) * 1000:.1f} | "
+            f"{lv.within(budget):.0%} |"
+        )
 
 
 async def sweep(send, args, mode: str) -> list[Level]:
@@ -223,14 +242,25 @@ async def run_streams(args) -> tuple[list, int | None]:
         make = bench_grpc.request_factory(test_image(size, args.image), args.stream_send, args.format, args.model)
         meta = grpc_metadata(args)
         await bench_grpc.stream_level(stub, make, 1, args.target_fps, 1.0, meta, args.policy)  # warm-up
-        levels = [await bench_grpc.stream_level(stub, make, int(n), args.target_fps, args.seconds, meta, args.policy)
-                  for n in args.streams.split(",") if n]  # fmt: skip
+        levels = [
+            await bench_grpc.stream_level(stub, make, int(n), args.target_fps, args.seconds, meta, args.policy)
+            for n in args.streams.split(",")
+            if n
+        ]
         capacity = None
         if args.capacity:
             print(f"capacity search: streams at {args.target_fps:g} fps, {args.seconds:g} s per level", file=sys.stderr)
             capacity, tried = await bench_grpc.capacity_search(
-                stub, make, args.target_fps, args.seconds, budget, args.max_streams, meta, args.policy,
-                log=lambda line: print(line, file=sys.stderr))  # fmt: skip
+                stub,
+                make,
+                args.target_fps,
+                args.seconds,
+                budget,
+                args.max_streams,
+                meta,
+                args.policy,
+                log=lambda line: print(line, file=sys.stderr),
+            )
             levels += tried
     return levels, capacity
 
@@ -245,8 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if _has_cuda() else "cpu", help="device for the raw engine")
     p.add_argument("--raw-batch", type=int, default=1, help="batch size for the raw engine measurement")
     p.add_argument("--size", default="512x1024", help="HxW of the JPEG sent")
-    p.add_argument("--resize-scale", default=None,
-                   help="the service's --resize-scale, for the raw engine (default: read from --spawn, else 2048x1024)")
+    p.add_argument(
+        "--resize-scale",
+        default=None,
+        help="the service's --resize-scale, for the raw engine (default: read from --spawn, else 2048x1024)",
+    )
     p.add_argument("--image", help="a photo to send instead of the built-in one")
     p.add_argument("--format", default="png", choices=["png", "raw", "json", "overlay"])
     p.add_argument("--concurrency", default="1,8")
@@ -259,8 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--protocol", choices=["rest", "grpc"], default="rest", help="for the unary sweeps")
     p.add_argument("--grpc", default="127.0.0.1:50051", help="gRPC target (host:port) for --protocol grpc and streams")
     p.add_argument("--streams", default="", help="concurrent gRPC streams at --target-fps, comma-separated levels")
-    p.add_argument("--capacity", action="store_true",
-                   help="search the most streams at --target-fps with p99 within the budget and <= 1%% dropped")
+    p.add_argument(
+        "--capacity",
+        action="store_true",
+        help="search the most streams at --target-fps with p99 within the budget and <= 1%% dropped",
+    )
     p.add_argument("--max-streams", type=int, default=64, help="upper bound for the capacity search")
     p.add_argument("--policy", choices=["latest", "block"], default="latest", help="stream drop policy")
     p.add_argument("--stream-send", choices=["raw", "jpeg"], default="raw", help="stream frames as raw RGB or JPEG")
@@ -274,8 +310,15 @@ def main(argv: list[str] | None = None) -> int:
         args.grpc = f"127.0.0.1:{grpc_port}"
     stream_levels, capacity = [], None
     try:
-        raw = raw_engine(args.raw_model, args.raw_weights, args.device, size, args.raw_batch, min(args.seconds, 20),
-                         resize_scale(args))  # fmt: skip
+        raw = raw_engine(
+            args.raw_model,
+            args.raw_weights,
+            args.device,
+            size,
+            args.raw_batch,
+            min(args.seconds, 20),
+            resize_scale(args),
+        )
         levels = asyncio.run(run(args))
         if args.streams or args.capacity:
             stream_levels, capacity = asyncio.run(run_streams(args))
@@ -289,8 +332,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print_stream_table(stream_levels, 1 / args.target_fps)
     if capacity is not None:
-        print(f"\ncapacity: {capacity} concurrent stream(s) of {args.size} frames at {args.target_fps:g} fps "
-              f"(p99 within {1000 / args.target_fps:.1f} ms, <= 1% dropped) on {args.device}")
+        print(
+            f"\ncapacity: {capacity} concurrent stream(s) of {args.size} frames at {args.target_fps:g} fps "
+            f"(p99 within {1000 / args.target_fps:.1f} ms, <= 1% dropped) on {args.device}"
+        )
     return 0
 
 

@@ -45,8 +45,12 @@ class StreamLevel:
         return float(np.mean(np.asarray(self.latencies) <= budget)) if self.latencies else 0.0
 
     def sustained(self, budget: float) -> bool:
-        return (self.served > 0 and self.errors == 0 and self.dropped <= MAX_DROP_SHARE * self.sent
-                and self.percentile(99) <= budget)  # fmt: skip
+        return (
+            self.served > 0
+            and self.errors == 0
+            and self.dropped <= MAX_DROP_SHARE * self.sent
+            and self.percentile(99) <= budget
+        )
 
 
 def channel(target: str) -> grpc.aio.Channel:
@@ -81,8 +85,9 @@ def unary_sender(stub: pb_grpc.SegmentationStub, make_request, metadata):
     return send
 
 
-async def _one_stream(stub, make_request, level: StreamLevel, seconds: float, metadata, policy: str,
-                      phase: float) -> None:  # fmt: skip
+async def _one_stream(
+    stub, make_request, level: StreamLevel, seconds: float, metadata, policy: str, phase: float
+) -> None:
     sent: dict[int, float] = {}
     frames = max(1, int(level.fps * seconds))
     period = 1.0 / level.fps
@@ -113,19 +118,33 @@ async def _one_stream(stub, make_request, level: StreamLevel, seconds: float, me
         level.errors += 1
 
 
-async def stream_level(stub, make_request, streams: int, fps: float, seconds: float, metadata=(),
-                       policy: str = "latest", seed: int = 0) -> StreamLevel:  # fmt: skip
+async def stream_level(
+    stub, make_request, streams: int, fps: float, seconds: float, metadata=(), policy: str = "latest", seed: int = 0
+) -> StreamLevel:
     level = StreamLevel(streams, fps)
     rng = random.Random(seed)
     start = time.perf_counter()
-    await asyncio.gather(*(_one_stream(stub, make_request, level, seconds, metadata, policy, rng.uniform(0, 1 / fps))
-                           for _ in range(streams)))  # fmt: skip
+    await asyncio.gather(
+        *(
+            _one_stream(stub, make_request, level, seconds, metadata, policy, rng.uniform(0, 1 / fps))
+            for _ in range(streams)
+        )
+    )
     level.seconds = time.perf_counter() - start
     return level
 
 
-async def capacity_search(stub, make_request, fps: float, seconds: float, budget: float, max_streams: int,
-                          metadata=(), policy: str = "latest", log=print) -> tuple[int, list[StreamLevel]]:  # fmt: skip
+async def capacity_search(
+    stub,
+    make_request,
+    fps: float,
+    seconds: float,
+    budget: float,
+    max_streams: int,
+    metadata=(),
+    policy: str = "latest",
+    log=print,
+) -> tuple[int, list[StreamLevel]]:
     """Most concurrent streams at `fps` that are sustained (see module doc), with every level tried."""
     levels: list[StreamLevel] = []
 
@@ -133,8 +152,10 @@ async def capacity_search(stub, make_request, fps: float, seconds: float, budget
         level = await stream_level(stub, make_request, n, fps, seconds, metadata, policy, seed=n)
         levels.append(level)
         ok = level.sustained(budget)
-        log(f"  {n} stream(s) at {fps:g} fps: p99 {level.percentile(99) * 1000:.1f} ms, "
-            f"dropped {level.dropped}/{level.sent}, errors {level.errors} -> {'sustained' if ok else 'not sustained'}")
+        log(
+            f"  {n} stream(s) at {fps:g} fps: p99 {level.percentile(99) * 1000:.1f} ms, "
+            f"dropped {level.dropped}/{level.sent}, errors {level.errors} -> {'sustained' if ok else 'not sustained'}"
+        )
         return ok
 
     best, n = 0, 1
@@ -151,13 +172,19 @@ async def capacity_search(stub, make_request, fps: float, seconds: float, budget
 
 
 def print_stream_table(levels: list[StreamLevel], budget: float) -> None:
-    print(f"\nstreams (budget {budget * 1000:.1f} ms; sustained: <= {MAX_DROP_SHARE:.0%} dropped, no errors, "
-          "p99 within budget)\n")  # fmt: skip
-    print("| streams | fps each | served/sent | dropped | served fps/stream | p50 ms | p90 ms | p99 ms "
-          "| within budget | sustained |")  # fmt: skip
+    print(
+        f"\nstreams (budget {budget * 1000:.1f} ms; sustained: <= {MAX_DROP_SHARE:.0%} dropped, no errors, "
+        "p99 within budget)\n"
+    )
+    print(
+        "| streams | fps each | served/sent | dropped | served fps/stream | p50 ms | p90 ms | p99 ms "
+        "| within budget | sustained |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for lv in levels:
         per_stream = lv.served / lv.seconds / lv.streams if lv.seconds else 0.0
-        print(f"| {lv.streams} | {lv.fps:g} | {lv.served}/{lv.sent} | {lv.dropped} | {per_stream:.1f} | "
-              f"{lv.percentile(50) * 1000:.1f} | {lv.percentile(90) * 1000:.1f} | {lv.percentile(99) * 1000:.1f} | "
-              f"{lv.within(budget):.0%} | {'yes' if lv.sustained(budget) else 'no'} |")  # fmt: skip
+        print(
+            f"| {lv.streams} | {lv.fps:g} | {lv.served}/{lv.sent} | {lv.dropped} | {per_stream:.1f} | "
+            f"{lv.percentile(50) * 1000:.1f} | {lv.percentile(90) * 1000:.1f} | {lv.percentile(99) * 1000:.1f} | "
+            f"{lv.within(budget):.0%} | {'yes' if lv.sustained(budget) else 'no'} |"
+        )

@@ -29,8 +29,15 @@ import httpx
 import numpy as np
 from PIL import Image
 
-MEDIA_BY_SUFFIX = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
-                   ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff"}  # fmt: skip
+MEDIA_BY_SUFFIX = {
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".png": "image/png",
+    ".webp": "image/webp",
+    ".bmp": "image/bmp",
+    ".tif": "image/tiff",
+    ".tiff": "image/tiff",
+}
 
 
 class SegmentationError(RuntimeError):
@@ -99,8 +106,11 @@ def error_from(response: httpx.Response) -> SegmentationError:
 
 
 def result_from(response: httpx.Response, fmt: str) -> SegmentResult:
-    result = SegmentResult(model=response.headers.get("x-model", ""), content=response.content,
-                           timings_ms=parse_server_timing(response.headers.get("server-timing", "")))  # fmt: skip
+    result = SegmentResult(
+        model=response.headers.get("x-model", ""),
+        content=response.content,
+        timings_ms=parse_server_timing(response.headers.get("server-timing", "")),
+    )
     if fmt == "png":
         result.labels = decode_labels_png(response.content)
     elif fmt == "raw":
@@ -122,10 +132,15 @@ class SegmentationClient:
         self.url = url.rstrip("/")
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
-    def segment(self, image, model: str | None = None, format: str = "png", deadline_ms: int | None = None) -> SegmentResult:
+    def segment(
+        self, image, model: str | None = None, format: str = "png", deadline_ms: int | None = None
+    ) -> SegmentResult:
         body, content_type = encode_image(image)
-        params = {"format": format, **({"model": model} if model else {}),
-                  **({"deadline_ms": deadline_ms} if deadline_ms else {})}  # fmt: skip
+        params = {
+            "format": format,
+            **({"model": model} if model else {}),
+            **({"deadline_ms": deadline_ms} if deadline_ms else {}),
+        }
         response = self.http.post("/segment", content=body, params=params, headers={"Content-Type": content_type})
         if response.status_code != 200:
             raise error_from(response)
@@ -166,8 +181,12 @@ def _cmd_segment(args) -> int:
             print(json.dumps({k: v for k, v in result.stats.items() if k != "labels_png"}, indent=2))
         else:
             counts = np.bincount(result.labels.ravel(), minlength=1)
-            top = ", ".join(f"{i}:{c / result.labels.size:.1%}" for i, c in sorted(enumerate(counts), key=lambda x: -x[1])[:5] if c)
-            print(f"{result.model} {result.labels.shape[1]}x{result.labels.shape[0]} {result.timings_ms} top classes {top}")
+            top = ", ".join(
+                f"{i}:{c / result.labels.size:.1%}" for i, c in sorted(enumerate(counts), key=lambda x: -x[1])[:5] if c
+            )
+            print(
+                f"{result.model} {result.labels.shape[1]}x{result.labels.shape[0]} {result.timings_ms} top classes {top}"
+            )
     return 0
 
 
@@ -193,9 +212,14 @@ def _cmd_stream(args) -> int:
         palette = next((m["palette"] for m in info["models"] if m["name"] == name), info["models"][0]["palette"])
         sink = OverlaySink(args.output, rate or source.fps) if args.output else None
         try:
-            for result in client.stream(frames(), model=args.model, format="raw" if sink else "stats",
-                                        policy=args.policy, max_in_flight=args.max_in_flight,
-                                        deadline_ms=args.deadline_ms):  # fmt: skip
+            for result in client.stream(
+                frames(),
+                model=args.model,
+                format="raw" if sink else "stats",
+                policy=args.policy,
+                max_in_flight=args.max_in_flight,
+                deadline_ms=args.deadline_ms,
+            ):
                 stats.add(result)
                 for frame_id in result.dropped_ids:
                     originals.pop(frame_id, None)
@@ -212,8 +236,18 @@ def _cmd_stream(args) -> int:
                 sink.close()
             source.close()
     print(file=sys.stderr)
-    print(json.dumps({"input": args.input, "source_fps": source.fps, "send_fps": rate, "policy": args.policy,
-                      **stats.summary(), **({"output": args.output} if args.output else {})}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "input": args.input,
+                "source_fps": source.fps,
+                "send_fps": rate,
+                "policy": args.policy,
+                **stats.summary(),
+                **({"output": args.output} if args.output else {}),
+            }
+        )
+    )
     return 0
 
 
@@ -241,8 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--tls", action="store_true", help="connect with TLS (system roots)")
     st.add_argument("-o", "--output", help="overlay video (.mp4, .mkv, ...) or a folder for a PNG sequence")
     st.add_argument("--model")
-    st.add_argument("--policy", choices=["latest", "block"], default="latest",
-                    help="when the service falls behind: drop the oldest waiting frames, or hold the sender")
+    st.add_argument(
+        "--policy",
+        choices=["latest", "block"],
+        default="latest",
+        help="when the service falls behind: drop the oldest waiting frames, or hold the sender",
+    )
     st.add_argument("--max-in-flight", type=int, help="frames being served at once (server default 2)")
     st.add_argument("--max-rate", type=float, help="send at this rate (default: the source's frame rate)")
     st.add_argument("--fast", action="store_true", help="send as fast as possible")

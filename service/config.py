@@ -67,9 +67,11 @@ def parse_models(values: list[str]) -> tuple[ModelSpec, ...]:
             name = ALIASES.get(name, name)
             custom = weights and weights != "random" and weights not in ZOO  # a checkpoint file or URL
             if name not in ARCHS and name not in ZOO and not custom:
-                raise ConfigError(f"unknown model {name!r} in --model {item!r}; known: "
-                                  f"{', '.join(list(ARCHS) + list(ZOO))} (aliases: fast, accurate), or "
-                                  f"NAME=CHECKPOINT for a checkpoint of your own")  # fmt: skip
+                raise ConfigError(
+                    f"unknown model {name!r} in --model {item!r}; known: "
+                    f"{', '.join(list(ARCHS) + list(ZOO))} (aliases: fast, accurate), or "
+                    f"NAME=CHECKPOINT for a checkpoint of your own"
+                )
             if not MODEL_NAME.fullmatch(name):
                 raise ConfigError(f"bad model name {name!r}: use letters, digits, '_', '-' and '.'")
             specs.append(ModelSpec(name, weights or None))
@@ -108,48 +110,90 @@ def _env(name: str, default):
 def build_parser() -> argparse.ArgumentParser:
     d = Settings()
     p = argparse.ArgumentParser(prog="bisenet-serve", description="BiSeNetV1 segmentation service (REST + gRPC)")
-    p.add_argument("--model", action="append", default=None, metavar="NAME[=WEIGHTS]",
-                   help="model to serve (repeatable or comma-separated); WEIGHTS is a zoo entry, path, URL or "
-                        "'random' [BISENET_MODELS; default bisenetv1_r18,bisenetv1_r50 with official weights]")
-    p.add_argument("--device", default=_env("DEVICE", "auto"),
-                   help="auto|cpu|cuda|cuda:N[,cuda:M...]: one worker per device [BISENET_DEVICE]")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        metavar="NAME[=WEIGHTS]",
+        help="model to serve (repeatable or comma-separated); WEIGHTS is a zoo entry, path, URL or "
+        "'random' [BISENET_MODELS; default bisenetv1_r18,bisenetv1_r50 with official weights]",
+    )
+    p.add_argument(
+        "--device",
+        default=_env("DEVICE", "auto"),
+        help="auto|cpu|cuda|cuda:N[,cuda:M...]: one worker per device [BISENET_DEVICE]",
+    )
     p.add_argument("--host", default=_env("HOST", d.host), help="bind address [BISENET_HOST]")
     p.add_argument("--http-port", default=_env("HTTP_PORT", d.http_port), help="[BISENET_HTTP_PORT]")
     p.add_argument("--grpc-port", default=_env("GRPC_PORT", d.grpc_port), help="0 disables gRPC [BISENET_GRPC_PORT]")
     p.add_argument("--max-batch", default=_env("MAX_BATCH", d.max_batch), help="[BISENET_MAX_BATCH]")
-    p.add_argument("--max-delay-ms", default=_env("MAX_DELAY_MS", d.max_delay_ms),
-                   help="longest wait to fill a batch [BISENET_MAX_DELAY_MS]")
-    p.add_argument("--batch-buckets", default=_env("BATCH_BUCKETS", None),
-                   help="CUDA-graph batch sizes, e.g. 1,2,4,8 (default: powers of 2 up to --max-batch) "
-                        "[BISENET_BATCH_BUCKETS]")
-    p.add_argument("--warm-shapes", default=_env("WARM_SHAPES", "1024x2048"),
-                   help="HxW shapes captured/warmed before ready, comma-separated; 'none' for none "
-                        "[BISENET_WARM_SHAPES]")
-    p.add_argument("--resize-scale", default=_env("RESIZE_SCALE", "2048x1024"),
-                   help="test-time resize as mmseg's Resize(scale): long edge to at most the larger number, short "
-                        "edge to at most the smaller (keep the default for the Cityscapes models) "
-                        "[BISENET_RESIZE_SCALE]")
-    p.add_argument("--target-fps", default=_env("TARGET_FPS", d.target_fps),
-                   help="real-time target; the frame budget is 1/fps [BISENET_TARGET_FPS]")
-    p.add_argument("--max-queue", default=_env("MAX_QUEUE", d.max_queue),
-                   help="requests waiting per model before 429 [BISENET_MAX_QUEUE]")
-    p.add_argument("--max-image-bytes", default=_env("MAX_IMAGE_BYTES", d.max_image_bytes),
-                   help="largest upload, bytes [BISENET_MAX_IMAGE_BYTES]")
-    p.add_argument("--max-pixels", default=_env("MAX_PIXELS", d.max_pixels),
-                   help="largest decoded image, pixels [BISENET_MAX_PIXELS]")
-    p.add_argument("--shm-bytes", default=_env("SHM_BYTES", d.shm_bytes),
-                   help="cap on shared memory for frames in flight; size /dev/shm above it [BISENET_SHM_BYTES]")
+    p.add_argument(
+        "--max-delay-ms",
+        default=_env("MAX_DELAY_MS", d.max_delay_ms),
+        help="longest wait to fill a batch [BISENET_MAX_DELAY_MS]",
+    )
+    p.add_argument(
+        "--batch-buckets",
+        default=_env("BATCH_BUCKETS", None),
+        help="CUDA-graph batch sizes, e.g. 1,2,4,8 (default: powers of 2 up to --max-batch) [BISENET_BATCH_BUCKETS]",
+    )
+    p.add_argument(
+        "--warm-shapes",
+        default=_env("WARM_SHAPES", "1024x2048"),
+        help="HxW shapes captured/warmed before ready, comma-separated; 'none' for none [BISENET_WARM_SHAPES]",
+    )
+    p.add_argument(
+        "--resize-scale",
+        default=_env("RESIZE_SCALE", "2048x1024"),
+        help="test-time resize as mmseg's Resize(scale): long edge to at most the larger number, short "
+        "edge to at most the smaller (keep the default for the Cityscapes models) "
+        "[BISENET_RESIZE_SCALE]",
+    )
+    p.add_argument(
+        "--target-fps",
+        default=_env("TARGET_FPS", d.target_fps),
+        help="real-time target; the frame budget is 1/fps [BISENET_TARGET_FPS]",
+    )
+    p.add_argument(
+        "--max-queue",
+        default=_env("MAX_QUEUE", d.max_queue),
+        help="requests waiting per model before 429 [BISENET_MAX_QUEUE]",
+    )
+    p.add_argument(
+        "--max-image-bytes",
+        default=_env("MAX_IMAGE_BYTES", d.max_image_bytes),
+        help="largest upload, bytes [BISENET_MAX_IMAGE_BYTES]",
+    )
+    p.add_argument(
+        "--max-pixels",
+        default=_env("MAX_PIXELS", d.max_pixels),
+        help="largest decoded image, pixels [BISENET_MAX_PIXELS]",
+    )
+    p.add_argument(
+        "--shm-bytes",
+        default=_env("SHM_BYTES", d.shm_bytes),
+        help="cap on shared memory for frames in flight; size /dev/shm above it [BISENET_SHM_BYTES]",
+    )
     p.add_argument("--dtype", default=_env("DTYPE", d.dtype), help="auto|float32|float16|bfloat16 [BISENET_DTYPE]")
-    p.add_argument("--api-key", default=_env("API_KEY", None),
-                   help="require this key (X-API-Key / Bearer / gRPC x-api-key) [BISENET_API_KEY]")
-    p.add_argument("--drain-seconds", default=_env("DRAIN_SECONDS", d.drain_seconds),
-                   help="SIGTERM grace period for in-flight work [BISENET_DRAIN_SECONDS]")
+    p.add_argument(
+        "--api-key",
+        default=_env("API_KEY", None),
+        help="require this key (X-API-Key / Bearer / gRPC x-api-key) [BISENET_API_KEY]",
+    )
+    p.add_argument(
+        "--drain-seconds",
+        default=_env("DRAIN_SECONDS", d.drain_seconds),
+        help="SIGTERM grace period for in-flight work [BISENET_DRAIN_SECONDS]",
+    )
     p.add_argument("--log-level", default=_env("LOG_LEVEL", d.log_level), help="[BISENET_LOG_LEVEL]")
     p.add_argument("--tls-cert", default=_env("TLS_CERT", None), help="PEM certificate for gRPC TLS [BISENET_TLS_CERT]")
     p.add_argument("--tls-key", default=_env("TLS_KEY", None), help="PEM key for gRPC TLS [BISENET_TLS_KEY]")
-    p.add_argument("--stream-idle-seconds", default=_env("STREAM_IDLE_SECONDS", d.stream_idle_seconds),
-                   help="end a gRPC stream that sends no frame for this long; 0: never [BISENET_STREAM_IDLE_SECONDS]")
-    return p  # fmt: skip
+    p.add_argument(
+        "--stream-idle-seconds",
+        default=_env("STREAM_IDLE_SECONDS", d.stream_idle_seconds),
+        help="end a gRPC stream that sends no frame for this long; 0: never [BISENET_STREAM_IDLE_SECONDS]",
+    )
+    return p
 
 
 def _number(value, name: str, kind=int, minimum=None):

@@ -60,8 +60,9 @@ class SegmentationService:
         self.settings = settings
         self.metrics = Metrics(settings.budget_seconds)
         self.dispatcher = Dispatcher(settings, model_weights, self.metrics, shm_bytes)
-        self.metrics.start_series(self.dispatcher.model_names, self.dispatcher.devices,
-                                  sorted({reason for _, _, reason in CODES.values()}))  # fmt: skip
+        self.metrics.start_series(
+            self.dispatcher.model_names, self.dispatcher.devices, sorted({reason for _, _, reason in CODES.values()})
+        )
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="codec")
         self.default_model = settings.models[0].name
         self.started = time.time()
@@ -69,8 +70,11 @@ class SegmentationService:
     async def start(self) -> None:
         await self.dispatcher.start()
         self.metrics.ready.set(1)
-        log.info("ready: %s on %s", ", ".join(self.dispatcher.model_names),
-                 ", ".join(link.device for link in self.dispatcher.links))  # fmt: skip
+        log.info(
+            "ready: %s on %s",
+            ", ".join(self.dispatcher.model_names),
+            ", ".join(link.device for link in self.dispatcher.links),
+        )
 
     @property
     def ready(self) -> bool:
@@ -82,8 +86,7 @@ class SegmentationService:
         name = name or self.default_model
         name = ALIASES.get(name, name) if name not in self.dispatcher.depth else name
         if name not in self.dispatcher.depth:
-            raise ServiceError("not_found", f"unknown model {name!r}; served: "
-                                            f"{', '.join(self.dispatcher.model_names)}")  # fmt: skip
+            raise ServiceError("not_found", f"unknown model {name!r}; served: {', '.join(self.dispatcher.model_names)}")
         return name
 
     def check_api_key(self, key: str | None) -> None:
@@ -98,8 +101,9 @@ class SegmentationService:
         if rgb is None:
             rgb = imaging.decode_image(data, self.settings.max_pixels)
         elif rgb.shape[0] * rgb.shape[1] > self.settings.max_pixels:
-            raise ServiceError("too_large", f"frame has {rgb.shape[0] * rgb.shape[1]} pixels; "
-                                            f"the limit is {self.settings.max_pixels}")  # fmt: skip
+            raise ServiceError(
+                "too_large", f"frame has {rgb.shape[0] * rgb.shape[1]} pixels; the limit is {self.settings.max_pixels}"
+            )
         decoded = time.perf_counter() - start
         return rgb, self.dispatcher.place(rgb), decoded
 
@@ -118,8 +122,16 @@ class SegmentationService:
             self.dispatcher.slots.release(task.result()[1])
             self.metrics.shm_slots.set(self.dispatcher.slots.in_use)
 
-    async def segment(self, model: str, protocol: str, *, data: bytes | None = None, rgb: np.ndarray | None = None,
-                      deadline_ms: int | None = None, link: WorkerLink | None = None) -> Served:  # fmt: skip
+    async def segment(
+        self,
+        model: str,
+        protocol: str,
+        *,
+        data: bytes | None = None,
+        rgb: np.ndarray | None = None,
+        deadline_ms: int | None = None,
+        link: WorkerLink | None = None,
+    ) -> Served:
         """Run one image (encoded bytes or an RGB array) through a worker. Raises ServiceError."""
         admitted = time.monotonic()
         deadline = admitted + deadline_ms / 1000 if deadline_ms else None
@@ -161,19 +173,21 @@ class SegmentationService:
                 entry = ZOO[spec.weights]
             elif spec.weights is None:
                 entry = default_entry(spec.name)
-            out.append({
-                "name": spec.name,
-                "arch": info.get("arch"),
-                "weights": spec.weights or (entry.url if entry else None),
-                "published_miou": entry.miou if entry else None,
-                "published_miou_ms_flip": entry.miou_ms_flip if entry else None,
-                "ready": bool(info) and self.ready,
-                "classes": info.get("classes", []),
-                "palette": info.get("palette", []),
-                "dtype": info.get("dtype"),
-                "cuda_graphs": info.get("cuda_graphs", False),
-                "captured_graphs": info.get("graphs", []),
-            })  # fmt: skip
+            out.append(
+                {
+                    "name": spec.name,
+                    "arch": info.get("arch"),
+                    "weights": spec.weights or (entry.url if entry else None),
+                    "published_miou": entry.miou if entry else None,
+                    "published_miou_ms_flip": entry.miou_ms_flip if entry else None,
+                    "ready": bool(info) and self.ready,
+                    "classes": info.get("classes", []),
+                    "palette": info.get("palette", []),
+                    "dtype": info.get("dtype"),
+                    "cuda_graphs": info.get("cuda_graphs", False),
+                    "captured_graphs": info.get("graphs", []),
+                }
+            )
         return out
 
     def classes_palette(self, model: str) -> tuple[list, list]:

@@ -75,8 +75,9 @@ class WorkerLink:
     async def start(self) -> None:
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
-        self.process = ctx.Process(target=run_worker, args=(child, self.config), name=f"worker-{self.device}",
-                                   daemon=True)  # fmt: skip
+        self.process = ctx.Process(
+            target=run_worker, args=(child, self.config), name=f"worker-{self.device}", daemon=True
+        )
         self.process.start()
         child.close()
         self.conn = parent
@@ -172,8 +173,12 @@ class WorkerLink:
         self.dispatcher.metrics.worker_restarts.labels(self.device).inc()
         for job_id, p in list(self.pending.items()):
             if p.running:  # its slot may hold half-written labels: fail it, the client retries
-                self._fail(job_id, ServiceError("worker_restarting", "the worker restarted while running this "
-                                                                     "request; retry", retry_after=1))  # fmt: skip
+                self._fail(
+                    job_id,
+                    ServiceError(
+                        "worker_restarting", "the worker restarted while running this request; retry", retry_after=1
+                    ),
+                )
         self.restarts += 1
         self.failures_in_a_row += 1
         delay = RESTART_BACKOFF[min(self.failures_in_a_row - 1, len(RESTART_BACKOFF) - 1)]
@@ -211,10 +216,18 @@ class Dispatcher:
     async def start(self) -> None:
         s = self.settings
         for device in self.devices:
-            config = WorkerConfig(device=device, models=tuple(self._model_weights.items()), dtype=s.dtype,
-                                  buckets=s.batch_buckets, max_batch=s.max_batch, max_delay=s.max_delay_ms / 1000,
-                                  budget=s.budget_seconds, warm_shapes=s.warm_shapes, resize_scale=s.resize_scale,
-                                  log_level=s.log_level)  # fmt: skip
+            config = WorkerConfig(
+                device=device,
+                models=tuple(self._model_weights.items()),
+                dtype=s.dtype,
+                buckets=s.batch_buckets,
+                max_batch=s.max_batch,
+                max_delay=s.max_delay_ms / 1000,
+                budget=s.budget_seconds,
+                warm_shapes=s.warm_shapes,
+                resize_scale=s.resize_scale,
+                log_level=s.log_level,
+            )
             link = WorkerLink(device, config, self)
             self.links.append(link)
             await link.start()
@@ -252,11 +265,15 @@ class Dispatcher:
         if self.draining:
             raise ServiceError("not_ready", "the service is draining", retry_after=1)
         if not any(link.ready for link in self.links):
-            raise ServiceError("not_ready", "the service is not ready: models are loading or a worker restarts",
-                               retry_after=1)  # fmt: skip
+            raise ServiceError(
+                "not_ready", "the service is not ready: models are loading or a worker restarts", retry_after=1
+            )
         if self.depth[model] >= self.settings.max_queue:
-            raise ServiceError("queue_full", f"queue for {model} is full ({self.settings.max_queue} requests)",
-                               retry_after=self.retry_after(model))  # fmt: skip
+            raise ServiceError(
+                "queue_full",
+                f"queue for {model} is full ({self.settings.max_queue} requests)",
+                retry_after=self.retry_after(model),
+            )
         self.depth[model] += 1
         self.metrics.queue_depth.labels(model).set(self.depth[model])
 
@@ -283,8 +300,9 @@ class Dispatcher:
             return ready[sticky % len(ready)]
         return min(ready, key=lambda link: link.outstanding)
 
-    def submit(self, model: str, slot: Slot, shape: tuple[int, int], deadline: float | None,
-               link: WorkerLink | None = None) -> asyncio.Future:  # fmt: skip
+    def submit(
+        self, model: str, slot: Slot, shape: tuple[int, int], deadline: float | None, link: WorkerLink | None = None
+    ) -> asyncio.Future:
         """Send an admitted request in `slot` to a worker; the future resolves to a Result."""
         link = link or self.pick_link()
         job = Job(next(self._ids), model, slot.name, shape[0], shape[1], deadline, time.monotonic())
@@ -337,8 +355,9 @@ class Dispatcher:
         for link in self.links:
             link.send("forget", name)
 
-    async def segment(self, model: str, image: np.ndarray, deadline: float | None = None,
-                      link: WorkerLink | None = None) -> Result:  # fmt: skip
+    async def segment(
+        self, model: str, image: np.ndarray, deadline: float | None = None, link: WorkerLink | None = None
+    ) -> Result:
         """Admit, place and run one decoded image (used by tests and simple callers)."""
         self.admit(model)
         try:
@@ -360,7 +379,9 @@ def resolve_devices(devices: tuple[str, ...]) -> list[str]:
         if d == "cuda":
             d = "cuda:0"
         if d.startswith("cuda") and int(d.split(":")[1]) >= count:
-            raise ServiceError("not_ready", f"--device {d} asked for, but this machine has {count} CUDA device(s); "
-                                            "use --device cpu or auto")  # fmt: skip
+            raise ServiceError(
+                "not_ready",
+                f"--device {d} asked for, but this machine has {count} CUDA device(s); use --device cpu or auto",
+            )
         resolved.append(d)
     return resolved

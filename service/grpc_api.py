@@ -61,16 +61,19 @@ def image_input(request: pb.SegmentRequest, settings: Settings) -> dict:
     kind = request.WhichOneof("image")
     if kind == "encoded":
         if len(request.encoded) > settings.max_image_bytes:
-            raise ServiceError("too_large", f"image of {len(request.encoded)} bytes exceeds the limit of "
-                                            f"{settings.max_image_bytes} bytes")  # fmt: skip
+            raise ServiceError(
+                "too_large",
+                f"image of {len(request.encoded)} bytes exceeds the limit of {settings.max_image_bytes} bytes",
+            )
         return {"data": request.encoded}
     if kind == "raw":
         h, w, rgb = request.raw.height, request.raw.width, request.raw.rgb
         if h == 0 or w == 0:
             raise ServiceError("invalid_image", f"raw frame has zero size ({h}x{w})")
         if h * w > settings.max_pixels:
-            raise ServiceError("too_large", f"raw frame is {h}x{w} = {h * w} pixels; the limit is "
-                                            f"{settings.max_pixels} pixels")  # fmt: skip
+            raise ServiceError(
+                "too_large", f"raw frame is {h}x{w} = {h * w} pixels; the limit is {settings.max_pixels} pixels"
+            )
         if len(rgb) != h * w * 3:
             raise ServiceError("invalid_image", f"raw frame carries {len(rgb)} bytes; {h}x{w}x3 needs {h * w * 3}")
         return {"rgb": np.frombuffer(rgb, np.uint8).reshape(h, w, 3)}
@@ -121,24 +124,42 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
         self.service.count_rejection(error)
         await context.abort(status_of(error), error.message, trailing_metadata=trailers_of(error))
 
-    async def serve(self, request: pb.SegmentRequest, model: str, protocol: str, deadline_ms: int | None,
-                    link: WorkerLink | None = None) -> pb.SegmentResponse:  # fmt: skip
-        served: Served = await self.service.segment(model, protocol, deadline_ms=deadline_ms, link=link,
-                                                    **image_input(request, self.settings))  # fmt: skip
+    async def serve(
+        self,
+        request: pb.SegmentRequest,
+        model: str,
+        protocol: str,
+        deadline_ms: int | None,
+        link: WorkerLink | None = None,
+    ) -> pb.SegmentResponse:
+        served: Served = await self.service.segment(
+            model, protocol, deadline_ms=deadline_ms, link=link, **image_input(request, self.settings)
+        )
         classes, palette = self.service.classes_palette(model)
         labels = served.result.labels
         start = time.perf_counter()
-        body, counts = await self.service.run_in_pool(encode_result, request.format, labels, served.image, palette,
-                                                      len(classes))  # fmt: skip
+        body, counts = await self.service.run_in_pool(
+            encode_result, request.format, labels, served.image, palette, len(classes)
+        )
         encode_s = time.perf_counter() - start
         self.metrics.encode.labels(FORMAT_LABEL.get(request.format, "png")).observe(encode_s)
         t = served.timings
         return pb.SegmentResponse(
-            frame_id=request.frame_id, model=model, height=labels.shape[0], width=labels.shape[1],
-            format=request.format, labels=body, class_pixels=counts, batch_size=served.result.batch_size,
-            timings=pb.Timings(decode_ms=t.get("decode", 0) * 1000, queue_ms=t.get("queue", 0) * 1000,
-                               inference_ms=t.get("inference", 0) * 1000, encode_ms=encode_s * 1000),
-        )  # fmt: skip
+            frame_id=request.frame_id,
+            model=model,
+            height=labels.shape[0],
+            width=labels.shape[1],
+            format=request.format,
+            labels=body,
+            class_pixels=counts,
+            batch_size=served.result.batch_size,
+            timings=pb.Timings(
+                decode_ms=t.get("decode", 0) * 1000,
+                queue_ms=t.get("queue", 0) * 1000,
+                inference_ms=t.get("inference", 0) * 1000,
+                encode_ms=encode_s * 1000,
+            ),
+        )
 
     def observe(self, model: str, protocol: str, code: str, started: float) -> float:
         elapsed = time.perf_counter() - started
@@ -178,12 +199,19 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
             await self.fail(context, exc)
         models = []
         for info in self.service.models_info():
-            models.append(pb.ModelInfo(
-                name=info["name"], arch=info["arch"], weights=str(info["weights"] or ""), classes=info["classes"],
-                palette=[pb.Colour(r=c[0], g=c[1], b=c[2]) for c in info["palette"]], ready=info["ready"],
-                dtype=info["dtype"] or "", cuda_graphs=bool(info["cuda_graphs"]),
-                published_miou=info["published_miou"] or 0.0,
-            ))  # fmt: skip
+            models.append(
+                pb.ModelInfo(
+                    name=info["name"],
+                    arch=info["arch"],
+                    weights=str(info["weights"] or ""),
+                    classes=info["classes"],
+                    palette=[pb.Colour(r=c[0], g=c[1], b=c[2]) for c in info["palette"]],
+                    ready=info["ready"],
+                    dtype=info["dtype"] or "",
+                    cuda_graphs=bool(info["cuda_graphs"]),
+                    published_miou=info["published_miou"] or 0.0,
+                )
+            )
         return pb.ListModelsResponse(models=models, default_model=self.service.default_model)
 
     # -- streaming -------------------------------------------------------------------------------
@@ -217,9 +245,14 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
         link = self.service.dispatcher.pick_link()  # the stream sticks to this worker: one queue, one order
         log.debug("stream: model %s, policy %s, %d in flight, worker %s", model, policy, limit, link.device)
 
-        frames = OrderedStream(self._frames(first, requests, model), lambda f: self._serve_frame(f, model, link),
-                               policy=policy, max_in_flight=limit, idle_timeout=idle,
-                               on_drop=lambda _: self.metrics.frames_dropped.labels(model).inc())  # fmt: skip
+        frames = OrderedStream(
+            self._frames(first, requests, model),
+            lambda f: self._serve_frame(f, model, link),
+            policy=policy,
+            max_in_flight=limit,
+            idle_timeout=idle,
+            on_drop=lambda _: self.metrics.frames_dropped.labels(model).inc(),
+        )
         async with contextlib.aclosing(aiter(frames)) as outcomes:
             async for outcome in outcomes:
                 if outcome.error is not None:
@@ -234,8 +267,11 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
         yield Frame(first, time.perf_counter())
         async for request in requests:
             if request.model and self.service.resolve_model(request.model) != model:
-                raise ServiceError("bad_request", f"this stream serves {model}; frame {request.frame_id} asks for "
-                                                  f"{request.model!r} (open another stream)")  # fmt: skip
+                raise ServiceError(
+                    "bad_request",
+                    f"this stream serves {model}; frame {request.frame_id} asks for "
+                    f"{request.model!r} (open another stream)",
+                )
             yield Frame(request, time.perf_counter())
 
     async def _serve_frame(self, frame: Frame, model: str, link: WorkerLink) -> pb.SegmentResponse:
@@ -252,8 +288,9 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
             self.service.count_rejection(exc)
             if exc.code == "not_ready" and self.service.dispatcher.draining:
                 raise
-            response = pb.SegmentResponse(frame_id=request.frame_id, model=model, format=request.format,
-                                          error=frame_error(exc))  # fmt: skip
+            response = pb.SegmentResponse(
+                frame_id=request.frame_id, model=model, format=request.format, error=frame_error(exc)
+            )
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
@@ -270,8 +307,12 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
 
 
 def frame_error(error: ServiceError) -> pb.FrameError:
-    return pb.FrameError(code=error.code, message=error.message, status=status_of(error).value[0],
-                         retry_after_ms=int((error.retry_after or 0) * 1000))  # fmt: skip
+    return pb.FrameError(
+        code=error.code,
+        message=error.message,
+        status=status_of(error).value[0],
+        retry_after_ms=int((error.retry_after or 0) * 1000),
+    )
 
 
 def stream_options(metadata: dict) -> tuple[str | None, int | None]:
@@ -293,21 +334,30 @@ def first_message_options(first: pb.SegmentRequest, policy: str | None, limit: i
         raise ServiceError("bad_request", f"unknown drop_policy {first.drop_policy}")
     field_policy = POLICY_NAME.get(first.drop_policy)
     if field_policy and policy and field_policy != policy:
-        raise ServiceError("bad_request", f"metadata drop-policy {policy!r} contradicts the first message's "
-                                          f"drop_policy {field_policy!r}")  # fmt: skip
+        raise ServiceError(
+            "bad_request",
+            f"metadata drop-policy {policy!r} contradicts the first message's drop_policy {field_policy!r}",
+        )
     if first.max_in_flight > MAX_IN_FLIGHT_LIMIT:
         raise ServiceError("bad_request", f"max_in_flight must be 1..{MAX_IN_FLIGHT_LIMIT}, not {first.max_in_flight}")
     if first.max_in_flight and limit and first.max_in_flight != limit:
-        raise ServiceError("bad_request", f"metadata max-in-flight {limit} contradicts the first message's "
-                                          f"max_in_flight {first.max_in_flight}")  # fmt: skip
+        raise ServiceError(
+            "bad_request",
+            f"metadata max-in-flight {limit} contradicts the first message's max_in_flight {first.max_in_flight}",
+        )
     return field_policy or policy or "latest", first.max_in_flight or limit or DEFAULT_MAX_IN_FLIGHT
 
 
 class GrpcServer:
     """The running gRPC server; health follows service.ready until draining starts."""
 
-    def __init__(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer,
-                 service: SegmentationService, port: int):  # fmt: skip
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        health_servicer: health.aio.HealthServicer,
+        service: SegmentationService,
+        port: int,
+    ):
         self.server = server
         self.health = health_servicer
         self.service = service
@@ -327,8 +377,11 @@ class GrpcServer:
     async def _follow_readiness(self) -> None:
         last = None
         while not self.draining:
-            status = (health_pb2.HealthCheckResponse.SERVING if self.service.ready
-                      else health_pb2.HealthCheckResponse.NOT_SERVING)  # fmt: skip
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if self.service.ready
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
             if status != last:
                 await self._set_health(status)
                 last = status
@@ -365,8 +418,9 @@ async def start_grpc_server(service: SegmentationService, settings: Settings) ->
     host = f"[{settings.host}]" if ":" in settings.host and not settings.host.startswith("[") else settings.host
     address = f"{host}:{settings.grpc_port}"  # IPv6 literals in brackets, as gRPC wants them
     if settings.tls_cert:
-        credentials = grpc.ssl_server_credentials([(Path(settings.tls_key).read_bytes(),
-                                                    Path(settings.tls_cert).read_bytes())])  # fmt: skip
+        credentials = grpc.ssl_server_credentials(
+            [(Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes())]
+        )
         port = server.add_secure_port(address, credentials)
     else:
         port = server.add_insecure_port(address)

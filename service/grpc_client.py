@@ -29,8 +29,15 @@ from .proto import segmentation_pb2_grpc as pb_grpc
 
 FORMATS = {"png": pb.LABELS_PNG, "raw": pb.LABELS_RAW, "overlay": pb.OVERLAY_JPEG, "stats": pb.STATS_ONLY}
 POLICIES = {"latest": pb.DROP_POLICY_LATEST, "block": pb.DROP_POLICY_BLOCK}
-HTTP_OF_STATUS = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429,
-                  "CANCELLED": 499, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}  # fmt: skip
+HTTP_OF_STATUS = {
+    "INVALID_ARGUMENT": 400,
+    "UNAUTHENTICATED": 401,
+    "NOT_FOUND": 404,
+    "RESOURCE_EXHAUSTED": 429,
+    "CANCELLED": 499,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+}
 MAX_MESSAGE = 256 * 1024 * 1024  # the server enforces its own, smaller limit
 
 
@@ -58,8 +65,9 @@ def image_request(image, **fields) -> pb.SegmentRequest:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"frames must be HxWx3 uint8 RGB, not {image.shape} {image.dtype}")
         h, w = image.shape[:2]
-        return pb.SegmentRequest(raw=pb.RawFrame(height=h, width=w, rgb=np.ascontiguousarray(image).tobytes()),
-                                 **fields)  # fmt: skip
+        return pb.SegmentRequest(
+            raw=pb.RawFrame(height=h, width=w, rgb=np.ascontiguousarray(image).tobytes()), **fields
+        )
     raise TypeError(f"cannot send a {type(image).__name__} as an image")
 
 
@@ -73,8 +81,13 @@ def labels_of(response: pb.SegmentResponse) -> np.ndarray | None:
 
 def timings_of(response: pb.SegmentResponse) -> dict:
     t = response.timings
-    return {"decode": t.decode_ms, "queue": t.queue_ms, "inference": t.inference_ms, "encode": t.encode_ms,
-            "total": t.total_ms}  # fmt: skip
+    return {
+        "decode": t.decode_ms,
+        "queue": t.queue_ms,
+        "inference": t.inference_ms,
+        "encode": t.encode_ms,
+        "total": t.total_ms,
+    }
 
 
 @dataclass
@@ -95,8 +108,14 @@ class GrpcSegmentationClient:
     """Thread-safe (one grpc channel). `target` is host:port; `tls=True` or `root_certificates`
     (PEM bytes) for a TLS server."""
 
-    def __init__(self, target: str = "localhost:50051", api_key: str | None = None, timeout: float = 120.0,
-                 tls: bool = False, root_certificates: bytes | None = None):  # fmt: skip
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        api_key: str | None = None,
+        timeout: float = 120.0,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+    ):
         options = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
         if tls or root_certificates:
             creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
@@ -115,17 +134,30 @@ class GrpcSegmentationClient:
             response = self.stub.Segment(request, timeout=self.timeout, metadata=self.metadata)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
-        result = SegmentResult(model=response.model, labels=labels_of(response), timings_ms=timings_of(response),
-                               content=response.labels)  # fmt: skip
+        result = SegmentResult(
+            model=response.model, labels=labels_of(response), timings_ms=timings_of(response), content=response.labels
+        )
         if format == "overlay":
             result.overlay = response.labels
-        result.stats = {"model": response.model, "height": response.height, "width": response.width,
-                        "class_pixels": list(response.class_pixels), "batch_size": response.batch_size}  # fmt: skip
+        result.stats = {
+            "model": response.model,
+            "height": response.height,
+            "width": response.width,
+            "class_pixels": list(response.class_pixels),
+            "batch_size": response.batch_size,
+        }
         return result
 
-    def stream(self, frames: Iterable, model: str | None = None, format: str = "raw", policy: str = "latest",
-               max_in_flight: int | None = None, deadline_ms: int | None = None,
-               frame_ids: Iterable[int] | None = None) -> Iterator[StreamResult]:  # fmt: skip
+    def stream(
+        self,
+        frames: Iterable,
+        model: str | None = None,
+        format: str = "raw",
+        policy: str = "latest",
+        max_in_flight: int | None = None,
+        deadline_ms: int | None = None,
+        frame_ids: Iterable[int] | None = None,
+    ) -> Iterator[StreamResult]:
         """Send `frames` (arrays, bytes or paths) on one StreamSegment call; yield results in frame order.
 
         The generator pulls frames as gRPC sends them, so a slow `frames` iterator paces the stream.
@@ -157,8 +189,14 @@ class GrpcSegmentationClient:
                     for dropped in response.dropped_frame_ids:
                         sent.pop(dropped, None)
                 error = (response.error.code, response.error.message) if response.HasField("error") else None
-                yield StreamResult(response.frame_id, response, now - start, labels_of(response),
-                                   list(response.dropped_frame_ids), error)  # fmt: skip
+                yield StreamResult(
+                    response.frame_id,
+                    response,
+                    now - start,
+                    labels_of(response),
+                    list(response.dropped_frame_ids),
+                    error,
+                )
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.CANCELLED and call.cancelled():
                 return
@@ -171,10 +209,20 @@ class GrpcSegmentationClient:
             response = self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout, metadata=self.metadata)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
-        models = [{"name": m.name, "arch": m.arch, "weights": m.weights, "classes": list(m.classes),
-                   "palette": [[c.r, c.g, c.b] for c in m.palette], "ready": m.ready, "dtype": m.dtype,
-                   "cuda_graphs": m.cuda_graphs, "published_miou": m.published_miou or None}
-                  for m in response.models]  # fmt: skip
+        models = [
+            {
+                "name": m.name,
+                "arch": m.arch,
+                "weights": m.weights,
+                "classes": list(m.classes),
+                "palette": [[c.r, c.g, c.b] for c in m.palette],
+                "ready": m.ready,
+                "dtype": m.dtype,
+                "cuda_graphs": m.cuda_graphs,
+                "published_miou": m.published_miou or None,
+            }
+            for m in response.models
+        ]
         return {"models": models, "default": response.default_model}
 
     def ready(self, timeout: float = 2.0) -> bool:
@@ -219,12 +267,20 @@ class StreamStats:
     def live(self) -> str:
         lats = np.asarray([lat for _, lat in self.window]) * 1000
         p50, p95 = (np.percentile(lats, 50), np.percentile(lats, 95)) if len(lats) else (float("nan"),) * 2
-        return (f"fps {len(self.window):3d}  latency p50 {p50:6.1f} ms  p95 {p95:6.1f} ms  "
-                f"served {self.served}  dropped {self.dropped}  errors {self.errors}")  # fmt: skip
+        return (
+            f"fps {len(self.window):3d}  latency p50 {p50:6.1f} ms  p95 {p95:6.1f} ms  "
+            f"served {self.served}  dropped {self.dropped}  errors {self.errors}"
+        )
 
     def summary(self) -> dict:
         seconds = time.perf_counter() - self.start
         lats = np.asarray(self.latencies) * 1000
         pct = {f"p{q}_ms": round(float(np.percentile(lats, q)), 2) if len(lats) else None for q in (50, 90, 99)}
-        return {"served": self.served, "dropped": self.dropped, "errors": self.errors, "seconds": round(seconds, 2),
-                "fps": round(self.served / seconds, 2) if seconds else 0.0, **pct}  # fmt: skip
+        return {
+            "served": self.served,
+            "dropped": self.dropped,
+            "errors": self.errors,
+            "seconds": round(seconds, 2),
+            "fps": round(self.served / seconds, 2) if seconds else 0.0,
+            **pct,
+        }

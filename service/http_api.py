@@ -16,28 +16,44 @@ from .core import SegmentationService, Served
 from .errors import ServiceError
 
 MULTIPART_OVERHEAD = 64 * 1024
-OUTPUT_MEDIA = {"png": "image/png", "overlay": "image/jpeg", "json": "application/json",
-                "raw": "application/octet-stream"}  # fmt: skip
+OUTPUT_MEDIA = {
+    "png": "image/png",
+    "overlay": "image/jpeg",
+    "json": "application/json",
+    "raw": "application/octet-stream",
+}
 ERROR_RESPONSES = {
-    status: {"description": text, "content": {"application/json": {"example": {"error": {"code": code, "message": "..."}}}}}
+    status: {
+        "description": text,
+        "content": {"application/json": {"example": {"error": {"code": code, "message": "..."}}}},
+    }
     for status, code, text in [
-        (400, "invalid_image", "The body is not a decodable image"), (401, "unauthorized", "Missing or wrong API key"),
-        (404, "not_found", "Unknown model"), (413, "too_large", "Body or image too large"),
-        (415, "unsupported_media_type", "Wrong or missing content type"), (422, "bad_request", "Bad parameters"),
-        (429, "queue_full", "Overloaded; see Retry-After"), (503, "not_ready", "Not ready, draining or restarting"),
+        (400, "invalid_image", "The body is not a decodable image"),
+        (401, "unauthorized", "Missing or wrong API key"),
+        (404, "not_found", "Unknown model"),
+        (413, "too_large", "Body or image too large"),
+        (415, "unsupported_media_type", "Wrong or missing content type"),
+        (422, "bad_request", "Bad parameters"),
+        (429, "queue_full", "Overloaded; see Retry-After"),
+        (503, "not_ready", "Not ready, draining or restarting"),
         (504, "deadline_exceeded", "The deadline passed"),
     ]
-}  # fmt: skip
+}
 SEGMENT_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "multipart/form-data": {"schema": {"type": "object", "required": ["image"],
-                                               "properties": {"image": {"type": "string", "format": "binary"}}}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {"image": {"type": "string", "format": "binary"}},
+                }
+            },
             **{t: {"schema": {"type": "string", "format": "binary"}} for t in sorted(imaging.CONTENT_TYPES)},
         },
     }
-}  # fmt: skip
+}
 
 
 def error_response(error: ServiceError) -> JSONResponse:
@@ -73,9 +89,11 @@ async def image_bytes(request: Request, limit: int) -> bytes:
         return data
     if content_type in imaging.CONTENT_TYPES:
         return await read_limited(request, limit)
-    raise ServiceError("unsupported_media_type",
-                       f"content type {content_type or '(none)'!r} is not supported; send multipart/form-data with "
-                       f"an 'image' field, or a raw body of type {', '.join(sorted(imaging.CONTENT_TYPES))}")  # fmt: skip
+    raise ServiceError(
+        "unsupported_media_type",
+        f"content type {content_type or '(none)'!r} is not supported; send multipart/form-data with "
+        f"an 'image' field, or a raw body of type {', '.join(sorted(imaging.CONTENT_TYPES))}",
+    )
 
 
 def api_key_from(x_api_key: str | None, authorization: str | None) -> str | None:
@@ -96,8 +114,11 @@ def timing_headers(served: Served, model: str) -> dict:
 
 
 def create_app(service: SegmentationService) -> FastAPI:
-    app = FastAPI(title="bisenet-serve", version=__version__,
-                  description="Real-time semantic segmentation (BiSeNetV1, Cityscapes train ids 0-18).")  # fmt: skip
+    app = FastAPI(
+        title="bisenet-serve",
+        version=__version__,
+        description="Real-time semantic segmentation (BiSeNetV1, Cityscapes train ids 0-18).",
+    )
     metrics = service.metrics
 
     @app.exception_handler(ServiceError)
@@ -115,10 +136,18 @@ def create_app(service: SegmentationService) -> FastAPI:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code)
 
-    @app.post("/segment", summary="Segment one image", openapi_extra=SEGMENT_BODY,
-              responses={200: {"content": {m: {} for m in OUTPUT_MEDIA.values()},
-                               "description": "Labels as a palette PNG (default), overlay JPEG, JSON or raw bytes"},
-                         **ERROR_RESPONSES})  # fmt: skip
+    @app.post(
+        "/segment",
+        summary="Segment one image",
+        openapi_extra=SEGMENT_BODY,
+        responses={
+            200: {
+                "content": {m: {} for m in OUTPUT_MEDIA.values()},
+                "description": "Labels as a palette PNG (default), overlay JPEG, JSON or raw bytes",
+            },
+            **ERROR_RESPONSES,
+        },
+    )
     async def segment(
         request: Request,
         model: str | None = Query(None, description="model name, or the aliases 'fast' / 'accurate'"),

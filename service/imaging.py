@@ -17,8 +17,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import ServiceError
 
 FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "TIFF", "MPO"}
-CONTENT_TYPES = {"image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff", "image/x-ms-bmp",
-                 "application/octet-stream"}  # fmt: skip
+CONTENT_TYPES = {
+    "image/jpeg",
+    "image/png",
+    "image/webp",
+    "image/bmp",
+    "image/tiff",
+    "image/x-ms-bmp",
+    "application/octet-stream",
+}
 OUTPUT_FORMATS = ("png", "overlay", "json", "raw")
 
 
@@ -32,11 +39,14 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
             img = Image.open(io.BytesIO(data))  # lazy: reads the header only
             width, height = img.size
             if width * height > max_pixels:
-                raise ServiceError("too_large", f"image is {width}x{height} = {width * height} pixels; "
-                                                f"the limit is {max_pixels} pixels")  # fmt: skip
+                raise ServiceError(
+                    "too_large",
+                    f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels} pixels",
+                )
             if img.format not in FORMATS:
-                raise ServiceError("invalid_image", f"unsupported image format {img.format}; "
-                                                    f"send JPEG, PNG, WebP, BMP or TIFF")  # fmt: skip
+                raise ServiceError(
+                    "invalid_image", f"unsupported image format {img.format}; send JPEG, PNG, WebP, BMP or TIFF"
+                )
             img = ImageOps.exif_transpose(img)  # decodes; rotates as mmseg's loader does
             rgb = _to_rgb(img)
     except ServiceError:
@@ -93,8 +103,11 @@ def encode_overlay(image: np.ndarray, labels: np.ndarray, palette, alpha: float 
 def class_stats(labels: np.ndarray, classes) -> list[dict]:
     counts = np.bincount(labels.ravel(), minlength=len(classes))[: len(classes)]
     total = max(int(labels.size), 1)
-    return [{"id": i, "name": name, "pixels": int(c), "fraction": round(int(c) / total, 6)}
-            for i, (name, c) in enumerate(zip(classes, counts)) if c]  # fmt: skip
+    return [
+        {"id": i, "name": name, "pixels": int(c), "fraction": round(int(c) / total, 6)}
+        for i, (name, c) in enumerate(zip(classes, counts))
+        if c
+    ]
 
 
 def encode_json(labels: np.ndarray, model: str, classes, palette, timings: dict) -> dict:

@@ -34,33 +34,45 @@ class Metrics:
         def hist(name, doc, labels):
             return Histogram(name, doc, labels, buckets=buckets, registry=r)
 
-        self.request_duration = hist("seg_request_duration_seconds",
-                                     "End-to-end request time in the front end (decode to encoded reply)",
-                                     ["model", "protocol", "code"])  # fmt: skip
+        self.request_duration = hist(
+            "seg_request_duration_seconds",
+            "End-to-end request time in the front end (decode to encoded reply)",
+            ["model", "protocol", "code"],
+        )
         self.decode = hist("seg_decode_seconds", "Image decode and validation time", ["protocol"])
         self.queue_wait = hist("seg_queue_wait_seconds", "Time from admission to the start of its batch", ["model"])
         self.inference = hist("seg_inference_seconds", "Worker time for the batch that served a request", ["model"])
         self.encode = hist("seg_encode_seconds", "Result encoding time", ["format"])
-        self.batch_size = Histogram("seg_batch_size", "Requests per executed batch", ["model"],
-                                    buckets=BATCH_BUCKETS, registry=r)  # fmt: skip
+        self.batch_size = Histogram(
+            "seg_batch_size", "Requests per executed batch", ["model"], buckets=BATCH_BUCKETS, registry=r
+        )
         self.queue_depth = Gauge("seg_queue_depth", "Requests admitted and not yet answered", ["model"], registry=r)
         self.in_flight = Gauge("seg_requests_in_flight", "Requests being handled by the front end", registry=r)
         self.target = Gauge("seg_realtime_target_seconds", "Frame budget: 1 / target fps", registry=r)
         self.target.set(budget_seconds)
-        self.over_budget = Counter("seg_requests_over_budget", "Successful requests slower than the frame budget",
-                                   ["model", "protocol"], registry=r)  # fmt: skip
+        self.over_budget = Counter(
+            "seg_requests_over_budget",
+            "Successful requests slower than the frame budget",
+            ["model", "protocol"],
+            registry=r,
+        )
         self.rejected = Counter("seg_requests_rejected", "Requests refused, by reason", ["reason"], registry=r)
-        self.graph_replays = Counter("seg_cuda_graph_replays", "Batches run by CUDA-graph replay", ["model"],
-                                     registry=r)  # fmt: skip
-        self.graph_misses = Counter("seg_cuda_graph_misses", "Batches run eagerly although graphs are enabled",
-                                    ["model"], registry=r)  # fmt: skip
-        self.worker_restarts = Counter("seg_worker_restarts", "Worker processes restarted after dying", ["device"],
-                                       registry=r)  # fmt: skip
-        self.device_memory = Gauge("seg_device_memory_bytes", "Device memory held by the worker", ["device", "kind"],
-                                   registry=r)  # fmt: skip
+        self.graph_replays = Counter(
+            "seg_cuda_graph_replays", "Batches run by CUDA-graph replay", ["model"], registry=r
+        )
+        self.graph_misses = Counter(
+            "seg_cuda_graph_misses", "Batches run eagerly although graphs are enabled", ["model"], registry=r
+        )
+        self.worker_restarts = Counter(
+            "seg_worker_restarts", "Worker processes restarted after dying", ["device"], registry=r
+        )
+        self.device_memory = Gauge(
+            "seg_device_memory_bytes", "Device memory held by the worker", ["device", "kind"], registry=r
+        )
         self.ready = Gauge("seg_ready", "1 when every model is loaded and warm and the service takes work", registry=r)
-        self.frames_dropped = Counter("seg_stream_frames_dropped", "Stream frames dropped to keep latency bounded",
-                                      ["model"], registry=r)  # fmt: skip
+        self.frames_dropped = Counter(
+            "seg_stream_frames_dropped", "Stream frames dropped to keep latency bounded", ["model"], registry=r
+        )
         self.streams_active = Gauge("seg_streams_active", "Open streaming calls", registry=r)
         self.shm_slots = Gauge("seg_shm_slots_in_use", "Shared-memory frame slots holding a request", registry=r)
         self.shm_bytes = Gauge("seg_shm_bytes", "Shared memory mapped for frame slots", registry=r)

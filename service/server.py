@@ -25,8 +25,14 @@ class _Uvicorn(uvicorn.Server):
 async def serve(settings: Settings, model_weights: dict[str, str]) -> int:
     service = SegmentationService(settings, model_weights, settings.shm_bytes)
     app = create_app(service)
-    config = uvicorn.Config(app, host=settings.host, port=settings.http_port, log_level=settings.log_level,
-                            access_log=settings.log_level == "debug", timeout_graceful_shutdown=5)  # fmt: skip
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.http_port,
+        log_level=settings.log_level,
+        access_log=settings.log_level == "debug",
+        timeout_graceful_shutdown=5,
+    )
     http = _Uvicorn(config)
     grpc_server = None
     stop = asyncio.Event()
@@ -52,8 +58,11 @@ async def serve(settings: Settings, model_weights: dict[str, str]) -> int:
         if not start_task.done():
             start_task.cancel()
         await stop.wait()
-        log.info("draining: refusing new work, finishing %d in flight (up to %.0fs)",
-                 service.dispatcher.in_flight, settings.drain_seconds)  # fmt: skip
+        log.info(
+            "draining: refusing new work, finishing %d in flight (up to %.0fs)",
+            service.dispatcher.in_flight,
+            settings.drain_seconds,
+        )
         if grpc_server is not None:
             grpc_server.health_not_serving()
         await service.drain_and_stop()

@@ -43,9 +43,16 @@ class Outcome(Generic[T]):
 
 
 class OrderedStream(Generic[T]):
-    def __init__(self, source: AsyncIterator[T], process: Callable[[T], Awaitable[Any]], *, policy: str = "latest",
-                 max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, idle_timeout: float | None = None,
-                 on_drop: Callable[[T], None] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        source: AsyncIterator[T],
+        process: Callable[[T], Awaitable[Any]],
+        *,
+        policy: str = "latest",
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        idle_timeout: float | None = None,
+        on_drop: Callable[[T], None] | None = None,
+    ):
         if policy not in POLICIES:
             raise ValueError(f"drop policy must be one of {POLICIES}, not {policy!r}")
         if not 1 <= max_in_flight <= MAX_IN_FLIGHT_LIMIT:

@@ -72,8 +72,14 @@ class Worker:
         info = {"device": self.config.device, "models": {}}
         for name, weights in self.config.models:
             torch.manual_seed(0)  # 'random' weights are the same in every worker and restart
-            seg = Segmenter(name, weights=weights, device=self.config.device, dtype=self.config.dtype,
-                            buckets=self.config.buckets, scale=self.config.resize_scale)  # fmt: skip
+            seg = Segmenter(
+                name,
+                weights=weights,
+                device=self.config.device,
+                dtype=self.config.dtype,
+                buckets=self.config.buckets,
+                scale=self.config.resize_scale,
+            )
             start = time.perf_counter()
             seg.engine.warmup(list(self.config.warm_shapes) or [(64, 64)], self.config.buckets)
             self.models[name] = seg
@@ -144,8 +150,9 @@ class Worker:
             log.exception("batch of %d failed", len(batch))
             self.send("failed", ids, f"{type(exc).__name__}: {exc}")
             return
-        self.send("done", ids, {"start": start, "infer": time.monotonic() - start, "size": len(batch),
-                                "replayed": replayed})  # fmt: skip
+        self.send(
+            "done", ids, {"start": start, "infer": time.monotonic() - start, "size": len(batch), "replayed": replayed}
+        )
 
     def maybe_send_stats(self) -> None:
         now = time.monotonic()
@@ -155,13 +162,23 @@ class Worker:
         self.send("stats", self.stats())
 
     def stats(self) -> dict:
-        stats = {"models": {n: {"graph_replays": s.engine.replays, "graph_misses": s.engine.misses,
-                                "graphs": s.engine.stats["graphs"]} for n, s in self.models.items()}}  # fmt: skip
+        stats = {
+            "models": {
+                n: {
+                    "graph_replays": s.engine.replays,
+                    "graph_misses": s.engine.misses,
+                    "graphs": s.engine.stats["graphs"],
+                }
+                for n, s in self.models.items()
+            }
+        }
         if self.config.device.startswith("cuda"):
             import torch
 
-            stats["memory"] = {"allocated": torch.cuda.memory_allocated(self.config.device),
-                               "reserved": torch.cuda.memory_reserved(self.config.device)}  # fmt: skip
+            stats["memory"] = {
+                "allocated": torch.cuda.memory_allocated(self.config.device),
+                "reserved": torch.cuda.memory_reserved(self.config.device),
+            }
         return stats
 
 

@@ -28,11 +28,26 @@ class Service:
         self.http_port, self.grpc_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
-        cmd = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--http-port", str(self.http_port),
-               "--grpc-port", str(self.grpc_port), *args]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "service",
+            "--host",
+            "127.0.0.1",
+            "--http-port",
+            str(self.http_port),
+            "--grpc-port",
+            str(self.grpc_port),
+            *args,
+        ]
         self.log = open(os.devnull, "wb") if not os.environ.get("SERVICE_LOGS") else None  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=self.log,
-                                     stderr=subprocess.STDOUT if self.log else None)  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=self.log,
+            stderr=subprocess.STDOUT if self.log else None,
+        )
 
     def wait_ready(self, timeout: float = 180.0) -> Service:
         deadline = time.monotonic() + timeout

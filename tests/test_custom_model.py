@@ -24,7 +24,9 @@ def custom_checkpoint(tmp_path_factory) -> str:
     net = build_model("bisenetv1_r50", num_classes=len(CLASSES))
     randomise_bn(net)
     path = tmp_path_factory.mktemp("custom") / "fields.pth"
-    torch.save({"meta": {"CLASSES": CLASSES, "PALETTE": [list(c) for c in PALETTE]}, "state_dict": net.state_dict()}, path)
+    torch.save(
+        {"meta": {"CLASSES": CLASSES, "PALETTE": [list(c) for c in PALETTE]}, "state_dict": net.state_dict()}, path
+    )
     return str(path)
 
 

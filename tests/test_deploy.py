@@ -92,8 +92,9 @@ def deploy_tools() -> None:
     """Run tools/ensure_deploy_tools.sh once if anything the checks use is missing."""
     missing = [t for t in ("promtool", "prometheus", "hadolint") if not find_tool(t)]
     if missing or not compose_commands() or not python_has_yaml():
-        subprocess.run(["bash", str(ROOT / "tools" / "ensure_deploy_tools.sh"), str(VENV_BIN.parent)],
-                       timeout=280, check=False)  # fmt: skip
+        subprocess.run(
+            ["bash", str(ROOT / "tools" / "ensure_deploy_tools.sh"), str(VENV_BIN.parent)], timeout=280, check=False
+        )
         importlib.invalidate_caches()
 
 
@@ -139,8 +140,24 @@ def metric_names(expr: str) -> set[str]:
     e = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)", " ", e)
     e = re.sub(r"\b(offset|@)\s*-?[\w.]+", " ", e)
     e = re.sub(r"(?<![\w:])\d+(\.\d+)?([eE][+-]?\d+)?", " ", e)  # numbers
-    keywords = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
-                "offset", "Inf", "NaN", "inf", "nan", "atan2"}  # fmt: skip
+    keywords = {
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "bool",
+        "and",
+        "or",
+        "unless",
+        "offset",
+        "Inf",
+        "NaN",
+        "inf",
+        "nan",
+        "atan2",
+    }
     names = set()
     for m in re.finditer(r"[A-Za-z_:][\w:]*", e):
         rest = e[m.end() :].lstrip()
@@ -199,8 +216,10 @@ def rule_exprs(yaml) -> list[tuple[str, str]]:
 
 
 def test_metric_name_parser():
-    expr = ('histogram_quantile(0.99, sum by (model, le) (rate(seg_x_bucket{code=~"2..|OK",model=~"$model"}'
-            '[$__rate_interval]))) > on() group_left() max(seg_target) or absent(up{job="a"}) * 1e3')  # fmt: skip
+    expr = (
+        'histogram_quantile(0.99, sum by (model, le) (rate(seg_x_bucket{code=~"2..|OK",model=~"$model"}'
+        '[$__rate_interval]))) > on() group_left() max(seg_target) or absent(up{job="a"}) * 1e3'
+    )
     assert metric_names(expr) == {"seg_x_bucket", "seg_target", "up"}
     assert metric_names("sum(rate(a_total[5m] offset 1h)) / scalar(b) unless c") == {"a_total", "b", "c"}
 
@@ -222,8 +241,7 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 
 def test_dockerfile_hadolint_has_no_errors(deploy_tools):
     hadolint = need("hadolint", deploy_tools)
-    result = run([hadolint, "--no-color", "--format", "json", "--failure-threshold", "error",
-                  str(ROOT / "Dockerfile")])  # fmt: skip
+    result = run([hadolint, "--no-color", "--format", "json", "--failure-threshold", "error", str(ROOT / "Dockerfile")])
     findings = json.loads(result.stdout or "[]")
     errors = [f for f in findings if f["level"] == "error"]
     assert not errors, f"hadolint errors: {errors}"
@@ -298,8 +316,9 @@ def test_compose_config_validates(variant, env_file, deploy_tools, tmp_path):
         env_path = ROOT / env_file
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("BISENET_", "COMPOSE_", "GRAFANA_"))}
     for cmd in commands:  # every compose implementation present must accept it
-        result = run([*cmd, "--env-file", str(env_path), "-f", str(COMPOSE_FILES[variant]), "config"], cwd=ROOT,
-                     env=clean)  # fmt: skip
+        result = run(
+            [*cmd, "--env-file", str(env_path), "-f", str(COMPOSE_FILES[variant]), "config"], cwd=ROOT, env=clean
+        )
         assert result.returncode == 0, f"{' '.join(cmd)} config: {result.stderr}"
         assert "segmentation" in result.stdout and "prometheus" in result.stdout and "grafana" in result.stdout
 
@@ -407,8 +426,14 @@ def test_promtool_unit_tests_pass(deploy_tools):
 def test_every_alert_has_a_unit_test_that_fires_it(yaml):
     groups = yaml.safe_load((PROM_DIR / "alerts.yml").read_text())["groups"]
     alerts = {r["alert"] for g in groups for r in g["rules"] if "alert" in r}
-    assert {"SegmentationP99OverBudget", "SegmentationFramesDropped", "SegmentationRequestsShed",
-            "SegmentationWorkerRestarted", "SegmentationNotReady", "SegmentationTargetDown"} <= alerts  # fmt: skip
+    assert {
+        "SegmentationP99OverBudget",
+        "SegmentationFramesDropped",
+        "SegmentationRequestsShed",
+        "SegmentationWorkerRestarted",
+        "SegmentationNotReady",
+        "SegmentationTargetDown",
+    } <= alerts
     tests = yaml.safe_load((PROM_DIR / "alerts_test.yml").read_text())["tests"]
     fired = {c["alertname"] for t in tests for c in t.get("alert_rule_test", []) if c.get("exp_alerts")}
     quiet = {c["alertname"] for t in tests for c in t.get("alert_rule_test", []) if not c.get("exp_alerts")}
@@ -437,11 +462,21 @@ def test_dashboard_shows_what_operators_need():
         assert p["targets"], p["title"]
         assert p["gridPos"]["x"] + p["gridPos"]["w"] <= 24
     text = json.dumps(board)
-    for needed in ("seg_decode_seconds_bucket", "seg_queue_wait_seconds_bucket", "seg_inference_seconds_bucket",
-                   "seg_encode_seconds_bucket", "seg_request_duration_seconds_bucket", "seg_realtime_target_seconds",
-                   "seg_batch_size", "seg_queue_depth", "seg_stream_frames_dropped_total",
-                   "seg_requests_rejected_total", "seg_cuda_graph_replays_total", "seg_cuda_graph_misses_total",
-                   "seg_device_memory_bytes"):  # fmt: skip
+    for needed in (
+        "seg_decode_seconds_bucket",
+        "seg_queue_wait_seconds_bucket",
+        "seg_inference_seconds_bucket",
+        "seg_encode_seconds_bucket",
+        "seg_request_duration_seconds_bucket",
+        "seg_realtime_target_seconds",
+        "seg_batch_size",
+        "seg_queue_depth",
+        "seg_stream_frames_dropped_total",
+        "seg_requests_rejected_total",
+        "seg_cuda_graph_replays_total",
+        "seg_cuda_graph_misses_total",
+        "seg_device_memory_bytes",
+    ):
         assert needed in text, needed
     # the latency panels draw the budget line
     latency = [p for p in panels if p["type"] == "timeseries" and "latency" in p["title"].lower()]
@@ -464,15 +499,20 @@ def test_dashboard_and_rules_use_only_exported_metrics(yaml):
     unknown = {n: where for n, where in used.items() if n not in allowed}
     assert not unknown, f"not exported by the service: {unknown}"
     # and every exported metric is on the dashboard or in a rule
-    base = {n[: -len(s)] if any(n.endswith(s) for s in HIST_SUFFIXES) and n[: -len(s)] in CONTRACT else n
-            for n in used for s in [next((s for s in HIST_SUFFIXES if n.endswith(s)), "")]}  # fmt: skip
+    base = {
+        n[: -len(s)] if any(n.endswith(s) for s in HIST_SUFFIXES) and n[: -len(s)] in CONTRACT else n
+        for n in used
+        for s in [next((s for s in HIST_SUFFIXES if n.endswith(s)), "")]
+    }
     assert set(CONTRACT) <= base, f"not shown anywhere: {set(CONTRACT) - base}"
 
 
 def test_dashboard_queries_parse(deploy_tools, yaml, tmp_path):
     promtool = need("promtool", deploy_tools)
-    rules = [{"record": f"dashboard:query_{i}:check", "expr": sub_grafana_vars(expr)}
-             for i, (_, expr) in enumerate(dashboard_exprs())]  # fmt: skip
+    rules = [
+        {"record": f"dashboard:query_{i}:check", "expr": sub_grafana_vars(expr)}
+        for i, (_, expr) in enumerate(dashboard_exprs())
+    ]
     path = tmp_path / "dashboard_rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     result = run([promtool, "check", "rules", str(path)])
@@ -510,8 +550,9 @@ def compose_environment(yaml, compose: list[str], variant: str, env_text: str, t
     env_file = tmp_path / f"{variant}.env"
     env_file.write_text(env_text)
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("BISENET_", "COMPOSE_", "GRAFANA_"))}
-    result = run([*compose, "--env-file", str(env_file), "-f", str(COMPOSE_FILES[variant]), "config"], cwd=ROOT,
-                 env=clean)  # fmt: skip
+    result = run(
+        [*compose, "--env-file", str(env_file), "-f", str(COMPOSE_FILES[variant]), "config"], cwd=ROOT, env=clean
+    )
     assert result.returncode == 0, result.stderr
     environment = yaml.safe_load(result.stdout)["services"]["segmentation"]["environment"]
     if isinstance(environment, list):
@@ -531,8 +572,15 @@ def process_env(container_env: dict[str, str], **overrides: str) -> dict[str, st
 
 
 def start_fails(env: dict[str, str], timeout: float = 150) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service"],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -581,8 +629,10 @@ def test_compose_defaults_are_settings_the_service_accepts(variant, yaml, compos
     """Compose passes every setting explicitly; its defaults must parse and match the service's own
     (apart from the device, and the CPU file's smaller sizes)."""
     container = compose_environment(yaml, compose, variant, "", tmp_path)
-    probe = ("import dataclasses, json; from service.config import load_settings; "
-             "print(json.dumps(dataclasses.asdict(load_settings([])), default=str))")  # fmt: skip
+    probe = (
+        "import dataclasses, json; from service.config import load_settings; "
+        "print(json.dumps(dataclasses.asdict(load_settings([])), default=str))"
+    )
     base = {k: v for k, v in os.environ.items() if not k.startswith("BISENET_")}
     own = run([sys.executable, "-c", probe], cwd=ROOT, env=base)
     assert own.returncode == 0, own.stderr
@@ -604,9 +654,25 @@ def live_service(tmp_path_factory):
     http_port, grpc_port = free_port(), free_port()
     log = tmp_path_factory.mktemp("service") / "service.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("BISENET_")}
-    cmd = [sys.executable, "-m", "service", "--model", "bisenetv1_r18=random", "--device", "cpu",
-           "--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-           "--warm-shapes", "64x128", "--max-batch", "2"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "service",
+        "--model",
+        "bisenetv1_r18=random",
+        "--device",
+        "cpu",
+        "--host",
+        "127.0.0.1",
+        "--http-port",
+        str(http_port),
+        "--grpc-port",
+        str(grpc_port),
+        "--warm-shapes",
+        "64x128",
+        "--max-batch",
+        "2",
+    ]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{http_port}"
@@ -656,8 +722,9 @@ def send_traffic(base: str, n: int = 4) -> None:
             assert r.status_code == 200, r.text
         r = client.post("/segment", files={"image": ("frame.png", b"not an image", "image/png")})
         assert r.status_code == 400, r.text
-        r = client.post("/segment", files={"image": ("frame.png", image, "image/png")},
-                        params={"model": "no_such_model"})  # fmt: skip
+        r = client.post(
+            "/segment", files={"image": ("frame.png", image, "image/png")}, params={"model": "no_such_model"}
+        )
         assert r.status_code == 404, r.text
 
 
@@ -675,17 +742,34 @@ def test_live_metrics_export_every_name_the_dashboard_and_rules_use(live_service
     assert not missing, f"used but not in /metrics: {missing}"
     assert set(CONTRACT) <= set(families), set(CONTRACT) - set(families)
     # after traffic the latency, batching and rejection series have samples
-    for name in ("seg_request_duration_seconds_bucket", "seg_decode_seconds_bucket", "seg_queue_wait_seconds_bucket",
-                 "seg_inference_seconds_bucket", "seg_encode_seconds_bucket", "seg_batch_size_bucket",
-                 "seg_requests_rejected_total", "seg_realtime_target_seconds", "seg_ready"):  # fmt: skip
+    for name in (
+        "seg_request_duration_seconds_bucket",
+        "seg_decode_seconds_bucket",
+        "seg_queue_wait_seconds_bucket",
+        "seg_inference_seconds_bucket",
+        "seg_encode_seconds_bucket",
+        "seg_batch_size_bucket",
+        "seg_requests_rejected_total",
+        "seg_realtime_target_seconds",
+        "seg_ready",
+    ):
         assert name in sampled, name
     # one bucket edge is the frame budget itself
     edges = {float(m) for m in re.findall(r'seg_request_duration_seconds_bucket\{[^}]*le="([^"+]+)"', text)}
     assert any(abs(e - 1 / 30) < 1e-5 for e in edges), sorted(edges)
 
 
-REJECT_REASONS = ("queue_full", "deadline", "invalid_image", "too_large", "unsupported_media_type", "not_found",
-                  "not_ready", "unauthorized", "bad_request")  # fmt: skip
+REJECT_REASONS = (
+    "queue_full",
+    "deadline",
+    "invalid_image",
+    "too_large",
+    "unsupported_media_type",
+    "not_found",
+    "not_ready",
+    "unauthorized",
+    "bad_request",
+)
 
 
 def test_live_alerted_counters_start_at_zero(live_service):
@@ -705,8 +789,9 @@ def live_prometheus(live_service, yaml, tmp_path_factory):
     """A real Prometheus on loopback with the shipped rules, scraping the live service every second."""
     prometheus = find_tool("prometheus")
     if not prometheus:
-        subprocess.run(["bash", str(ROOT / "tools" / "ensure_deploy_tools.sh"), str(VENV_BIN.parent)],
-                       timeout=280, check=False)  # fmt: skip
+        subprocess.run(
+            ["bash", str(ROOT / "tools" / "ensure_deploy_tools.sh"), str(VENV_BIN.parent)], timeout=280, check=False
+        )
         prometheus = find_tool("prometheus")
     if not prometheus:
         pytest.skip("prometheus is not installed and tools/ensure_deploy_tools.sh could not install it")
@@ -724,9 +809,17 @@ def live_prometheus(live_service, yaml, tmp_path_factory):
     (work / "prometheus.yml").write_text(yaml.safe_dump(config))
     log = work / "prometheus.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([prometheus, f"--config.file={work / 'prometheus.yml'}",
-                                 f"--storage.tsdb.path={work / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [
+                prometheus,
+                f"--config.file={work / 'prometheus.yml'}",
+                f"--storage.tsdb.path={work / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -772,15 +865,20 @@ def wait_for(predicate, timeout: float, what: str):
         time.sleep(0.5)
 
 
-P99_OVER_BUDGET = ('histogram_quantile(0.99, sum by (le) (rate(seg_request_duration_seconds_bucket{code=~"2..|OK"}'
-                   "[1m]))) / scalar(max(seg_realtime_target_seconds))")  # fmt: skip
+P99_OVER_BUDGET = (
+    'histogram_quantile(0.99, sum by (le) (rate(seg_request_duration_seconds_bucket{code=~"2..|OK"}'
+    "[1m]))) / scalar(max(seg_realtime_target_seconds))"
+)
 
 
 def test_live_prometheus_scrapes_the_service_and_evaluates_the_budget(live_service, live_prometheus, yaml):
     import math
 
-    wait_for(lambda: [s for s in query(live_prometheus, 'up{job="bisenet-serve"}') if s["value"][1] == "1"], 30,
-             "Prometheus to scrape the service")  # fmt: skip
+    wait_for(
+        lambda: [s for s in query(live_prometheus, 'up{job="bisenet-serve"}') if s["value"][1] == "1"],
+        30,
+        "Prometheus to scrape the service",
+    )
     # traffic spread over several scrapes, so rate() sees the counters grow
     for _ in range(3):
         send_traffic(live_service, n=2)
@@ -796,16 +894,24 @@ def test_live_prometheus_scrapes_the_service_and_evaluates_the_budget(live_servi
     groups = httpx.get(live_prometheus + "/api/v1/rules", timeout=10).json()["data"]["groups"]
     rules = [r for g in groups for r in g["rules"]]
     assert len(rules) == len(rule_exprs(yaml))
-    wait_for(lambda: all(r.get("lastEvaluation", "").startswith("20") for g in httpx.get(
-        live_prometheus + "/api/v1/rules", timeout=10).json()["data"]["groups"] for r in g["rules"]), 20,
-        "the rules to be evaluated")  # fmt: skip
+    wait_for(
+        lambda: all(
+            r.get("lastEvaluation", "").startswith("20")
+            for g in httpx.get(live_prometheus + "/api/v1/rules", timeout=10).json()["data"]["groups"]
+            for r in g["rules"]
+        ),
+        20,
+        "the rules to be evaluated",
+    )
     groups = httpx.get(live_prometheus + "/api/v1/rules", timeout=10).json()["data"]["groups"]
     unhealthy = {r["name"]: r.get("lastError") for g in groups for r in g["rules"] if r["health"] != "ok"}
     assert not unhealthy, unhealthy
     # every dashboard query runs against the live data; the core panels have data
     for where, expr in dashboard_exprs():
         query(live_prometheus, sub_grafana_vars(expr))
-    for expr in ('sum by (model) (rate(seg_request_duration_seconds_count{model=~".*"}[1m]))',
-                 'histogram_quantile(0.99, sum by (le) (rate(seg_inference_seconds_bucket{model=~".*"}[1m])))',
-                 "sum by (reason) (rate(seg_requests_rejected_total[1m]))"):  # fmt: skip
+    for expr in (
+        'sum by (model) (rate(seg_request_duration_seconds_count{model=~".*"}[1m]))',
+        'histogram_quantile(0.99, sum by (le) (rate(seg_inference_seconds_bucket{model=~".*"}[1m])))',
+        "sum by (reason) (rate(seg_requests_rejected_total[1m]))",
+    ):
         assert query(live_prometheus, expr), expr

@@ -22,14 +22,33 @@ from PIL import Image
 
 from tests.servicekit import ROOT, Service, free_port, metric_value
 
-ARGS = ["--device", "cpu", "--warm-shapes", "none", "--resize-scale", "1024x512", "--max-batch", "1",
-        "--max-queue", "3", "--drain-seconds", "60", "--log-level", "warning"]  # fmt: skip
+ARGS = [
+    "--device",
+    "cpu",
+    "--warm-shapes",
+    "none",
+    "--resize-scale",
+    "1024x512",
+    "--max-batch",
+    "1",
+    "--max-queue",
+    "3",
+    "--drain-seconds",
+    "60",
+    "--log-level",
+    "warning",
+]
 
 
 def run_service(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service", "--host", "127.0.0.1", "--http-port", str(free_port()),
-                           *args], cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "service", "--host", "127.0.0.1", "--http-port", str(free_port()), *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # -- start-up errors: the process exits at once with a clear message ------------------------------
@@ -38,10 +57,15 @@ def test_unknown_model_from_environment():
     assert run.returncode == 2 and "unknown model 'bisenetv1_r101'" in run.stderr
 
 
-@pytest.mark.parametrize(("var", "value", "message"), [
-    ("BISENET_MAX_BATCH", "many", "bad --max-batch (BISENET_MAX_BATCH)"), ("BISENET_WARM_SHAPES", "1024by2048", "bad shape"),
-    ("BISENET_DEVICE", "tpu", "bad --device"), ("BISENET_TARGET_FPS", "0", "must be at least"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("var", "value", "message"),
+    [
+        ("BISENET_MAX_BATCH", "many", "bad --max-batch (BISENET_MAX_BATCH)"),
+        ("BISENET_WARM_SHAPES", "1024by2048", "bad shape"),
+        ("BISENET_DEVICE", "tpu", "bad --device"),
+        ("BISENET_TARGET_FPS", "0", "must be at least"),
+    ],
+)
 def test_malformed_settings(var, value, message):
     run = run_service("--model", "bisenetv1_r18=random", env={var: value})
     assert run.returncode == 2 and message in run.stderr, run.stderr
@@ -55,8 +79,9 @@ def test_cuda_requested_without_gpu():
 
 def test_weights_download_failure_names_file_source_and_mirror(tmp_path):
     mirror = f"http://127.0.0.1:{free_port()}/weights"  # nothing listens there
-    run = run_service("--model", "bisenetv1_r18", env={"BISENET_CACHE_DIR": str(tmp_path),
-                                                       "BISENET_WEIGHTS_MIRROR": mirror})  # fmt: skip
+    run = run_service(
+        "--model", "bisenetv1_r18", env={"BISENET_CACHE_DIR": str(tmp_path), "BISENET_WEIGHTS_MIRROR": mirror}
+    )
     assert run.returncode == 2
     assert "bisenetv1_r18-d32_in1k-pre_4x8_1024x1024_160k_cityscapes_20210905_220322-bb8db75f.pth" in run.stderr
     assert mirror in run.stderr and "BISENET_WEIGHTS_MIRROR" in run.stderr

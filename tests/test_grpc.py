@@ -34,9 +34,25 @@ H, W = 64, 128
 
 @pytest.fixture(scope="module")
 def service(r18_checkpoint):
-    svc = Service([*FAST_ARGS, "--model", f"bisenetv1_r18={r18_checkpoint}", "--max-batch", "4",
-                   "--max-delay-ms", "10", "--max-image-bytes", str(MAX_IMAGE_BYTES), "--max-pixels", str(MAX_PIXELS),
-                   "--api-key", KEY, "--stream-idle-seconds", str(IDLE_SECONDS)])  # fmt: skip
+    svc = Service(
+        [
+            *FAST_ARGS,
+            "--model",
+            f"bisenetv1_r18={r18_checkpoint}",
+            "--max-batch",
+            "4",
+            "--max-delay-ms",
+            "10",
+            "--max-image-bytes",
+            str(MAX_IMAGE_BYTES),
+            "--max-pixels",
+            str(MAX_PIXELS),
+            "--api-key",
+            KEY,
+            "--stream-idle-seconds",
+            str(IDLE_SECONDS),
+        ]
+    )
     try:
         yield svc.wait_ready()
     finally:
@@ -75,8 +91,9 @@ def png(array: np.ndarray) -> bytes:
 
 
 def raw_request(frame: np.ndarray, **fields) -> pb.SegmentRequest:
-    return pb.SegmentRequest(raw=pb.RawFrame(height=frame.shape[0], width=frame.shape[1], rgb=frame.tobytes()),
-                             **fields)  # fmt: skip
+    return pb.SegmentRequest(
+        raw=pb.RawFrame(height=frame.shape[0], width=frame.shape[1], rgb=frame.tobytes()), **fields
+    )
 
 
 def labels_of(response: pb.SegmentResponse) -> np.ndarray:
@@ -108,8 +125,7 @@ def wait_for_metrics(service, timeout: float = 15.0, **expected) -> str:
 
 
 def assert_nothing_held(service) -> None:
-    wait_for_metrics(service, seg_queue_depth=0, seg_shm_slots_in_use=0, seg_streams_active=0,
-                     seg_requests_in_flight=0)  # fmt: skip
+    wait_for_metrics(service, seg_queue_depth=0, seg_shm_slots_in_use=0, seg_streams_active=0, seg_requests_in_flight=0)
 
 
 # -- unary and models ------------------------------------------------------------------------------
@@ -168,17 +184,26 @@ def test_unary_bad_input(service, stub, frames):
     before = service.metrics()
     cases = [
         (pb.SegmentRequest(encoded=b"\x89PNG not really"), grpc.StatusCode.INVALID_ARGUMENT, "invalid_image"),
-        (pb.SegmentRequest(raw=pb.RawFrame(height=H, width=W, rgb=b"\0" * 100)), grpc.StatusCode.INVALID_ARGUMENT,
-         "invalid_image"),
-        (pb.SegmentRequest(raw=pb.RawFrame(height=0, width=W, rgb=b"")), grpc.StatusCode.INVALID_ARGUMENT,
-         "invalid_image"),
+        (
+            pb.SegmentRequest(raw=pb.RawFrame(height=H, width=W, rgb=b"\0" * 100)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "invalid_image",
+        ),
+        (
+            pb.SegmentRequest(raw=pb.RawFrame(height=0, width=W, rgb=b"")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "invalid_image",
+        ),
         (pb.SegmentRequest(), grpc.StatusCode.INVALID_ARGUMENT, "invalid_image"),
         (pb.SegmentRequest(encoded=b"\0" * (MAX_IMAGE_BYTES + 1)), grpc.StatusCode.RESOURCE_EXHAUSTED, "too_large"),
-        (pb.SegmentRequest(raw=pb.RawFrame(height=400, width=400, rgb=b"\0" * 480_000)),
-         grpc.StatusCode.RESOURCE_EXHAUSTED, "too_large"),
+        (
+            pb.SegmentRequest(raw=pb.RawFrame(height=400, width=400, rgb=b"\0" * 480_000)),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "too_large",
+        ),
         (raw_request(frames[0], model="bisenetv9"), grpc.StatusCode.NOT_FOUND, "not_found"),
         (raw_request(frames[0], deadline_ms=1), grpc.StatusCode.DEADLINE_EXCEEDED, "deadline_exceeded"),
-    ]  # fmt: skip
+    ]
     for request, code, error_code in cases:
         error = status_of(stub.Segment, request, metadata=AUTH, timeout=60)
         assert error.code() == code, (error_code, error.details())
@@ -188,8 +213,11 @@ def test_unary_bad_input(service, stub, frames):
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     after = service.metrics()
     for reason, n in {"invalid_image": 4, "too_large": 2, "not_found": 1, "deadline": 1}.items():
-        assert metric_value(after, "seg_requests_rejected_total", reason=reason) - metric_value(
-            before, "seg_requests_rejected_total", reason=reason) == n, reason  # fmt: skip
+        assert (
+            metric_value(after, "seg_requests_rejected_total", reason=reason)
+            - metric_value(before, "seg_requests_rejected_total", reason=reason)
+            == n
+        ), reason
     assert labels_of(stub.Segment(raw_request(frames[0]), metadata=AUTH, timeout=60)).shape == (H, W)
 
 
@@ -197,8 +225,10 @@ def test_api_key(stub, frames):
     request = raw_request(frames[0])
     for metadata in [(), (("x-api-key", "wrong"),), (("authorization", "Bearer wrong"),)]:
         assert status_of(stub.Segment, request, metadata=metadata, timeout=30).code() == grpc.StatusCode.UNAUTHENTICATED
-        assert status_of(stub.ListModels, pb.ListModelsRequest(), metadata=metadata,
-                         timeout=30).code() == grpc.StatusCode.UNAUTHENTICATED  # fmt: skip
+        assert (
+            status_of(stub.ListModels, pb.ListModelsRequest(), metadata=metadata, timeout=30).code()
+            == grpc.StatusCode.UNAUTHENTICATED
+        )
         error = status_of(stub.StreamSegment, iter([request]), metadata=metadata, timeout=30)
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED
     stub.Segment(request, metadata=(("authorization", f"Bearer {KEY}"),), timeout=60)
@@ -208,12 +238,18 @@ def test_stream_protocol_errors_end_the_stream(stub, frames):
     cases = [
         ([raw_request(frames[0], model="nope")], AUTH, grpc.StatusCode.NOT_FOUND),
         ([raw_request(frames[0])], (*AUTH, ("drop-policy", "sometimes")), grpc.StatusCode.INVALID_ARGUMENT),
-        ([raw_request(frames[0], drop_policy=pb.DROP_POLICY_BLOCK)], (*AUTH, ("drop-policy", "latest")),
-         grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            [raw_request(frames[0], drop_policy=pb.DROP_POLICY_BLOCK)],
+            (*AUTH, ("drop-policy", "latest")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
         ([raw_request(frames[0]), raw_request(frames[1], model="accurate")], AUTH, grpc.StatusCode.NOT_FOUND),
-        ([raw_request(frames[0]), pb.SegmentRequest(encoded=b"\0" * 600_000)], AUTH,
-         grpc.StatusCode.RESOURCE_EXHAUSTED),
-    ]  # fmt: skip
+        (
+            [raw_request(frames[0]), pb.SegmentRequest(encoded=b"\0" * 600_000)],
+            AUTH,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        ),
+    ]
     for requests, metadata, code in cases:
         error = status_of(stub.StreamSegment, iter(requests), metadata=metadata, timeout=60)
         assert error.code() == code, error.details()
@@ -222,12 +258,14 @@ def test_stream_protocol_errors_end_the_stream(stub, frames):
 def test_bad_frames_get_errors_and_the_stream_goes_on(service, stub, frames, references):
     bad = {
         1: (pb.SegmentRequest(encoded=os.urandom(2000)), "invalid_image", grpc.StatusCode.INVALID_ARGUMENT),
-        2: (pb.SegmentRequest(raw=pb.RawFrame(height=H, width=W, rgb=b"\1" * 999)), "invalid_image",
-            grpc.StatusCode.INVALID_ARGUMENT),
+        2: (
+            pb.SegmentRequest(raw=pb.RawFrame(height=H, width=W, rgb=b"\1" * 999)),
+            "invalid_image",
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
         4: (pb.SegmentRequest(raw=pb.RawFrame(height=H, width=0)), "invalid_image", grpc.StatusCode.INVALID_ARGUMENT),
-        5: (pb.SegmentRequest(encoded=b"\0" * (MAX_IMAGE_BYTES + 10)), "too_large",
-            grpc.StatusCode.RESOURCE_EXHAUSTED),
-    }  # fmt: skip
+        5: (pb.SegmentRequest(encoded=b"\0" * (MAX_IMAGE_BYTES + 10)), "too_large", grpc.StatusCode.RESOURCE_EXHAUSTED),
+    }
 
     def requests():
         for i in range(8):
@@ -305,7 +343,8 @@ def test_latest_stream_with_a_fast_producer(service, stub, frames, references):
     assert_nothing_held(service)
     after = service.metrics()
     assert metric_value(after, "seg_stream_frames_dropped_total") - metric_value(
-        before, "seg_stream_frames_dropped_total") == len(dropped)  # fmt: skip
+        before, "seg_stream_frames_dropped_total"
+    ) == len(dropped)
     assert metric_value(after, "seg_shm_bytes") - shm_before <= 4 * 64 * 1024  # slots are reused, not grown
 
 
@@ -413,8 +452,21 @@ def test_stream_cli_on_a_video(service, tmp_path, frames):
         for packet in stream.encode():
             container.mux(packet)
     out = tmp_path / "overlay.mp4"
-    cmd = [sys.executable, "-m", "service.client", "--api-key", KEY, "stream", str(video), "--grpc",
-           service.grpc_target, "--policy", "block", "-o", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "service.client",
+        "--api-key",
+        KEY,
+        "stream",
+        str(video),
+        "--grpc",
+        service.grpc_target,
+        "--policy",
+        "block",
+        "-o",
+        str(out),
+    ]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     summary = json.loads(run.stdout.strip().splitlines()[-1])
@@ -423,8 +475,9 @@ def test_stream_cli_on_a_video(service, tmp_path, frames):
     with av.open(str(out)) as container:
         assert sum(1 for _ in container.decode(video=0)) == 20
     pngs = tmp_path / "pngs"
-    run = subprocess.run([*cmd[:-1], str(pngs), "--fast", "--frames", "5"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)  # fmt: skip
+    run = subprocess.run(
+        [*cmd[:-1], str(pngs), "--fast", "--frames", "5"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert run.returncode == 0, run.stderr
     assert sorted(p.name for p in pngs.iterdir()) == [f"frame_{i:06d}.png" for i in range(5)]
 
@@ -442,11 +495,37 @@ def test_tls_api_key_and_health_before_ready(tmp_path):
     from service.grpc_api import start_grpc_server
 
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)  # fmt: skip
-    settings = Settings(models=(ModelSpec("bisenetv1_r18", "random"),), devices=("cpu",), host="127.0.0.1",
-                        grpc_port=0, api_key=KEY, tls_cert=str(cert), tls_key=str(key))  # fmt: skip
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    settings = Settings(
+        models=(ModelSpec("bisenetv1_r18", "random"),),
+        devices=("cpu",),
+        host="127.0.0.1",
+        grpc_port=0,
+        api_key=KEY,
+        tls_cert=str(cert),
+        tls_key=str(key),
+    )
 
     async def main():
         service = SegmentationService(settings, {"bisenetv1_r18": "random"})

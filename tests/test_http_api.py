@@ -23,9 +23,23 @@ HEADERS = {"X-API-Key": KEY}
 
 @pytest.fixture(scope="module")
 def service(r18_checkpoint):
-    svc = Service([*FAST_ARGS, "--model", f"bisenetv1_r18={r18_checkpoint}", "--max-batch", "4",
-                   "--max-delay-ms", "30", "--max-image-bytes", "300000", "--max-pixels", "1000000",
-                   "--api-key", KEY])  # fmt: skip
+    svc = Service(
+        [
+            *FAST_ARGS,
+            "--model",
+            f"bisenetv1_r18={r18_checkpoint}",
+            "--max-batch",
+            "4",
+            "--max-delay-ms",
+            "30",
+            "--max-image-bytes",
+            "300000",
+            "--max-pixels",
+            "1000000",
+            "--api-key",
+            KEY,
+        ]
+    )
     try:
         yield svc.wait_ready()
     finally:
@@ -131,7 +145,9 @@ def test_other_image_modes_are_served(http, photo_small, reference, convert):
         buf = io.BytesIO()
         converted.save(buf, format="PNG")
         body = buf.getvalue()
-        expected_rgb = np.asarray(converted.convert("RGBA").convert("RGB") if convert == "P" else converted.convert("RGB"))
+        expected_rgb = np.asarray(
+            converted.convert("RGBA").convert("RGB") if convert == "P" else converted.convert("RGB")
+        )
     served = labels_of(post(http, body, "image/jpeg" if convert == "CMYK" else "image/png"))
     np.testing.assert_array_equal(served, reference.predict(expected_rgb))
 
@@ -237,10 +253,16 @@ def test_expired_deadline(http, photo_small):
 
 def test_api_key_required(service, photo_small):
     for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer wrong"}):
-        r = httpx.post(f"{service.url}/segment", content=encode(photo_small), headers={"Content-Type": "image/png", **headers})
+        r = httpx.post(
+            f"{service.url}/segment", content=encode(photo_small), headers={"Content-Type": "image/png", **headers}
+        )
         error_of(r, 401, "unauthorized")
-    ok = httpx.post(f"{service.url}/segment", content=encode(photo_small),
-                    headers={"Content-Type": "image/png", "Authorization": f"Bearer {KEY}"}, timeout=60)  # fmt: skip
+    ok = httpx.post(
+        f"{service.url}/segment",
+        content=encode(photo_small),
+        headers={"Content-Type": "image/png", "Authorization": f"Bearer {KEY}"},
+        timeout=60,
+    )
     assert ok.status_code == 200
 
 
@@ -255,10 +277,20 @@ def test_health_readiness_openapi(service):
 def test_metrics_exposition(service, http, photo_small):
     post(http, encode(photo_small))
     text = service.metrics()
-    for name in ("seg_request_duration_seconds_bucket", "seg_decode_seconds_count", "seg_queue_wait_seconds_count",
-                 "seg_inference_seconds_count", "seg_encode_seconds_count", "seg_batch_size_count",
-                 "seg_queue_depth", "seg_realtime_target_seconds", "seg_requests_rejected_total", "seg_ready",
-                 "seg_shm_slots_in_use", "process_resident_memory_bytes"):  # fmt: skip
+    for name in (
+        "seg_request_duration_seconds_bucket",
+        "seg_decode_seconds_count",
+        "seg_queue_wait_seconds_count",
+        "seg_inference_seconds_count",
+        "seg_encode_seconds_count",
+        "seg_batch_size_count",
+        "seg_queue_depth",
+        "seg_realtime_target_seconds",
+        "seg_requests_rejected_total",
+        "seg_ready",
+        "seg_shm_slots_in_use",
+        "process_resident_memory_bytes",
+    ):
         assert name in text, name
     assert metric_value(text, "seg_realtime_target_seconds") == pytest.approx(1 / 30, rel=1e-6)
     assert 'le="0.033333"' in text  # a bucket edge sits exactly on the frame budget
@@ -286,8 +318,25 @@ def test_client_cli(service, photo_small, tmp_path):
     src = tmp_path / "in.png"
     src.write_bytes(encode(photo_small))
     out, overlay = tmp_path / "labels.png", tmp_path / "overlay.jpg"
-    run = subprocess.run([sys.executable, "-m", "service.client", "--url", service.url, "--api-key", KEY, "segment",
-                          str(src), "-o", str(out), "--overlay", str(overlay)], capture_output=True, text=True,
-                         timeout=120)  # fmt: skip
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service.client",
+            "--url",
+            service.url,
+            "--api-key",
+            KEY,
+            "segment",
+            str(src),
+            "-o",
+            str(out),
+            "--overlay",
+            str(overlay),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     assert Image.open(out).size == (96, 64) and Image.open(overlay).format == "JPEG"

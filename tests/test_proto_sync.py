@@ -46,5 +46,8 @@ def test_stubs_import_as_a_package():
 
     assert segmentation_pb2.DESCRIPTOR.package == "bisenet.v1"
     assert {m.name for m in segmentation_pb2.DESCRIPTOR.services_by_name["Segmentation"].methods} == {
-        "Segment", "StreamSegment", "ListModels"}  # fmt: skip
+        "Segment",
+        "StreamSegment",
+        "ListModels",
+    }
     assert segmentation_pb2_grpc.segmentation__pb2 is segmentation_pb2

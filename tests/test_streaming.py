@@ -79,8 +79,9 @@ def test_latest_drops_oldest_waiting_frames_and_reports_them():
     async def run():
         dropped = []
         worker = Worker(0.02)
-        stream = OrderedStream(frames(200, every=0.001), worker, policy="latest", max_in_flight=2,
-                               on_drop=dropped.append)  # fmt: skip
+        stream = OrderedStream(
+            frames(200, every=0.001), worker, policy="latest", max_in_flight=2, on_drop=dropped.append
+        )
         arrivals = {}
 
         async def timed():  # when each frame reached the stream, for latency

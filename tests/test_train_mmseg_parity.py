@@ -47,8 +47,19 @@ def parity():
 
 
 def tiny_run(root: Path, work_dir: Path) -> Path:
-    cfg = TrainConfig(data=str(root), work_dir=str(work_dir), iters=2, batch_size=2, crop=(64, 64), scale=(128, 64),
-                      val_interval=0, ckpt_interval=2, workers=0, device="cpu", tensorboard=False)  # fmt: skip
+    cfg = TrainConfig(
+        data=str(root),
+        work_dir=str(work_dir),
+        iters=2,
+        batch_size=2,
+        crop=(64, 64),
+        scale=(128, 64),
+        val_interval=0,
+        ckpt_interval=2,
+        workers=0,
+        device="cpu",
+        tensorboard=False,
+    )
     return train(cfg)
 
 
@@ -104,8 +115,14 @@ def test_single_scale_and_multi_scale_flip_predictions_match_mmseg(parity, model
         ours = predict_single_scale(net, torch.from_numpy(photo))
         ours_tta = predict_multi_scale(net, torch.from_numpy(photo))
         theirs = inference_model(mm, photo[..., ::-1].copy()).pred_sem_seg.data[0]
-        data = pipeline(dict(img_path=str(tmp_path / "p.png"), seg_map_path=str(tmp_path / "l.png"),
-                             reduce_zero_label=False, seg_fields=[]))  # fmt: skip
+        data = pipeline(
+            dict(
+                img_path=str(tmp_path / "p.png"),
+                seg_map_path=str(tmp_path / "l.png"),
+                reduce_zero_label=False,
+                seg_fields=[],
+            )
+        )
         theirs_tta = tta.test_step(pseudo_collate([data]))[0].pred_sem_seg.data[0]
     assert ours.shape == theirs.shape == ours_tta.shape == theirs_tta.shape == photo.shape[:2]
     assert (ours == theirs).float().mean() > 0.999
@@ -197,8 +214,12 @@ def test_random_resize_and_crop_match_mmseg(monkeypatch):
         theirs_draws, our_draws = ScriptedDraws(seed), ScriptedDraws(seed)
         monkeypatch.setattr(np.random, "random_sample", theirs_draws.random_sample)
         monkeypatch.setattr(np.random, "randint", theirs_draws.randint)
-        results = {"img": image[..., ::-1].copy(), "gt_seg_map": label.copy(), "seg_fields": ["gt_seg_map"],
-                   "img_shape": image.shape[:2]}  # fmt: skip
+        results = {
+            "img": image[..., ::-1].copy(),
+            "gt_seg_map": label.copy(),
+            "seg_fields": ["gt_seg_map"],
+            "img_shape": image.shape[:2],
+        }
         results = crop.transform(resize.transform(results))
         monkeypatch.undo()
         img, lab, (h, w) = ours_transform(image, label, our_draws)

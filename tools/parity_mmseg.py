@@ -172,13 +172,15 @@ def label_agreement(mm_model, segmenter, images: dict[str, np.ndarray]) -> list[
         ours = segmenter.predict(image)
         assert ours.shape == ref.shape, (ours.shape, ref.shape)
         counts = np.bincount(ref.ravel(), minlength=19)
-        rows.append({
-            "image": name,
-            "size": f"{image.shape[1]}x{image.shape[0]}",
-            "agreement": float((ours == ref).mean()),
-            "classes_present": int((counts > 0).sum()),
-            "largest_class_share": float(counts.max() / counts.sum()),
-        })  # fmt: skip
+        rows.append(
+            {
+                "image": name,
+                "size": f"{image.shape[1]}x{image.shape[0]}",
+                "agreement": float((ours == ref).mean()),
+                "classes_present": int((counts > 0).sum()),
+                "largest_class_share": float(counts.max() / counts.sum()),
+            }
+        )
     return rows
 
 
@@ -199,10 +201,16 @@ def time_side_by_side(mm_model, segmenter, image: np.ndarray, iters: int) -> dic
         ours.append(time.perf_counter() - t)
     mm_s, our_s = statistics.median(theirs), statistics.median(ours)
     # Under load from other processes, the fastest call and each back-to-back pair are steadier.
-    return {"mmseg_inference_model_s": mm_s, "segmenter_predict_s": our_s, "speedup": mm_s / our_s,
-            "speedup_best": min(theirs) / min(ours),
-            "speedup_pairwise_median": statistics.median(t / o for t, o in zip(theirs, ours)),
-            "iters": iters, "mmseg_all_s": theirs, "segmenter_all_s": ours}  # fmt: skip
+    return {
+        "mmseg_inference_model_s": mm_s,
+        "segmenter_predict_s": our_s,
+        "speedup": mm_s / our_s,
+        "speedup_best": min(theirs) / min(ours),
+        "speedup_pairwise_median": statistics.median(t / o for t, o in zip(theirs, ours)),
+        "iters": iters,
+        "mmseg_all_s": theirs,
+        "segmenter_all_s": ours,
+    }
 
 
 def cpu_name() -> str:
@@ -223,8 +231,12 @@ def run(archs: list[str], speed_iters: int, workdir: Path, speed_only: bool = Fa
 
     report: dict = {
         "versions": {"mmsegmentation": mmseg.__version__, "mmengine": mmengine.__version__, "torch": torch.__version__},
-        "cpu": cpu_name(), "torch_threads": torch.get_num_threads(), "logits": [], "labels": {}, "ok": True,
-    }  # fmt: skip
+        "cpu": cpu_name(),
+        "torch_threads": torch.get_num_threads(),
+        "logits": [],
+        "labels": {},
+        "ok": True,
+    }
     images = photos()
     for arch in archs:
         ckpt = make_checkpoint(arch, workdir / f"bisenetv1_{arch}_random.pth")
@@ -236,26 +248,32 @@ def run(archs: list[str], speed_iters: int, workdir: Path, speed_only: bool = Fa
             row = logits_error(arch, mm_model, net, segmenter.engine, image)
             row["ok"] = max(row["rel_err"], row["folded_rel_err"]) <= THRESHOLDS["logits_rel"]
             report["logits"].append(row)
-            print(f"[logits] {arch} input {row['input']} -> {row['shape']}: max|ref| {row['max_abs_ref']:.3g}, "
-                  f"relative error {row['rel_err']:.2e} (BN-folded engine {row['folded_rel_err']:.2e}) "
-                  f"{'ok' if row['ok'] else 'FAIL'}")  # fmt: skip
+            print(
+                f"[logits] {arch} input {row['input']} -> {row['shape']}: max|ref| {row['max_abs_ref']:.3g}, "
+                f"relative error {row['rel_err']:.2e} (BN-folded engine {row['folded_rel_err']:.2e}) "
+                f"{'ok' if row['ok'] else 'FAIL'}"
+            )
         rows = [] if speed_only else label_agreement(mm_model, segmenter, images)
         for row in rows:
             need = THRESHOLDS["frame_agree"] if row["image"].startswith("frame") else THRESHOLDS["photo_agree"]
             row["ok"] = row["agreement"] >= need
-            print(f"[labels] {arch} {row['image']} {row['size']}: {100 * row['agreement']:.4f}% equal "
-                  f"(need {100 * need:.1f}%), {row['classes_present']} classes, largest "
-                  f"{100 * row['largest_class_share']:.1f}% {'ok' if row['ok'] else 'FAIL'}")  # fmt: skip
+            print(
+                f"[labels] {arch} {row['image']} {row['size']}: {100 * row['agreement']:.4f}% equal "
+                f"(need {100 * need:.1f}%), {row['classes_present']} classes, largest "
+                f"{100 * row['largest_class_share']:.1f}% {'ok' if row['ok'] else 'FAIL'}"
+            )
         report["labels"][arch] = rows
         if arch == "r18" and speed_iters > 0:
             speed = time_side_by_side(mm_model, segmenter, images["frame_2048x1024"], speed_iters)
             speed["ok"] = speed["speedup"] >= THRESHOLDS["speedup"]
             report["speed_r18_2048x1024"] = speed
-            print(f"[speed] R18 2048x1024 on {report['cpu']} ({report['torch_threads']} threads): "
-                  f"inference_model {1000 * speed['mmseg_inference_model_s']:.0f} ms, Segmenter.predict "
-                  f"{1000 * speed['segmenter_predict_s']:.0f} ms (median of {speed_iters}): "
-                  f"{speed['speedup']:.2f}x (best call {speed['speedup_best']:.2f}x, median of pairs "
-                  f"{speed['speedup_pairwise_median']:.2f}x) {'ok' if speed['ok'] else 'FAIL'}")  # fmt: skip
+            print(
+                f"[speed] R18 2048x1024 on {report['cpu']} ({report['torch_threads']} threads): "
+                f"inference_model {1000 * speed['mmseg_inference_model_s']:.0f} ms, Segmenter.predict "
+                f"{1000 * speed['segmenter_predict_s']:.0f} ms (median of {speed_iters}): "
+                f"{speed['speedup']:.2f}x (best call {speed['speedup_best']:.2f}x, median of pairs "
+                f"{speed['speedup_pairwise_median']:.2f}x) {'ok' if speed['ok'] else 'FAIL'}"
+            )
         del mm_model, net, segmenter
     checks = [r["ok"] for r in report["logits"]] + [r["ok"] for rows in report["labels"].values() for r in rows]
     checks += [report["speed_r18_2048x1024"]["ok"]] if "speed_r18_2048x1024" in report else []
@@ -268,8 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--archs", nargs="+", choices=sorted(CONFIGS), default=["r18", "r50"])
     parser.add_argument("--speed-iters", type=int, default=5, help="timed calls per side (0: no speed test)")
     parser.add_argument("--no-speed", action="store_true", help="skip the speed comparison")
-    parser.add_argument("--speed-only", action="store_true",
-                        help="only time inference_model against Segmenter.predict (R18, 2048x1024 frame)")  # fmt: skip
+    parser.add_argument(
+        "--speed-only",
+        action="store_true",
+        help="only time inference_model against Segmenter.predict (R18, 2048x1024 frame)",
+    )
     parser.add_argument("--json", type=Path, help="also write the full report here")
     parser.add_argument("--threads", type=int, help="torch CPU threads for both sides (default: torch's)")
     args = parser.parse_args(argv)
