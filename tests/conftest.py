@@ -76,3 +76,36 @@ def varied_r18_checkpoint(tmp_path_factory, photo) -> str:
     path = tmp_path_factory.mktemp("ckpt") / "r18_varied.pth"
     torch.save({"meta": {}, "state_dict": net.state_dict()}, path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def varied_r18_net(varied_r18_checkpoint):
+    """The varied R18 checkpoint loaded into a plain eval-mode network (no auxiliary heads)."""
+    from model import load_checkpoint
+
+    net = build_model("bisenetv1_r18", aux_heads=False).eval()
+    load_checkpoint(net, varied_r18_checkpoint)
+    return net
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread: on a small shared CPU, two spinning OpenMP threads competing with other
+    processes make tiny steps tens of times slower; results do not depend on it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def load_parity_tool():
+    """tools/parity_mmseg.py as a module, with mmcv.ops stubbed (needs mmsegmentation importable)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "parity_mmseg.py"
+    spec = importlib.util.spec_from_file_location("parity_mmseg", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.stub_mmcv_ops()
+    return module

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,15 +11,11 @@ from pathlib import Path
 
 import httpx
 
+from service.bench import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 # Small test-time resize so CPU inference takes milliseconds; the pipeline is otherwise the real one.
 FAST_ARGS = ["--device", "cpu", "--warm-shapes", "none", "--resize-scale", "256x128", "--log-level", "warning"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Service:

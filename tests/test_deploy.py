@@ -16,13 +16,14 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.servicekit import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -537,12 +538,6 @@ def test_service_registry_declares_every_used_metric(yaml):
 
 # ------------------------------------------------------------------------------------------------
 # the container's command as a process: bad settings, compose defaults, a live service + Prometheus
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def compose_environment(yaml, compose: list[str], variant: str, env_text: str, tmp_path) -> dict[str, str]:

@@ -15,15 +15,7 @@ from model.data import open_dataset
 from model.evaluate import evaluate, main, predict_multi_scale, predict_single_scale, tta_size
 from model.iou import IoUMetric, compute_metrics, format_table, intersect_and_union
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a small shared CPU, two spinning OpenMP threads competing with other
-    processes make tiny steps tens of times slower; results do not depend on it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_iou_metric_matches_a_hand_computation():

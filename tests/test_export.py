@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from model import build_model, load_checkpoint
 from model.export import build_parser, main
 from model.transforms import normalise
 
@@ -20,10 +19,8 @@ HEIGHT, WIDTH = 64, 128
 
 
 @pytest.fixture(scope="module")
-def net(varied_r18_checkpoint):
-    net = build_model("bisenetv1_r18", aux_heads=False).eval()
-    load_checkpoint(net, varied_r18_checkpoint)
-    return net
+def net(varied_r18_net):
+    return varied_r18_net
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,6 @@ The checks live in tools/parity_mmseg.py; this runs them with pytest's reporting
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -19,17 +16,12 @@ cv2 = pytest.importorskip("cv2")
 
 from model import Segmenter, build_model, load_checkpoint  # noqa: E402
 from model.transforms import resize_uint8  # noqa: E402
-
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "parity_mmseg.py"
+from tests.conftest import load_parity_tool  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def parity():
-    spec = importlib.util.spec_from_file_location("parity_mmseg", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.stub_mmcv_ops()
-    return module
+    return load_parity_tool()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 from conftest import gpu
 from PIL import Image
 
-from model import Segmenter, build_model, load_checkpoint, transforms
+from model import Segmenter, transforms
 from model.runtime import SegmentationEngine, fold_batchnorm, resolve_dtype
 from model.transforms import as_rgb_uint8, logits_to_labels, normalise
 
@@ -17,10 +17,8 @@ SMALL = (256, 128)  # test-time scale: long edge <= 256, short edge <= 128
 
 
 @pytest.fixture(scope="module")
-def net(varied_r18_checkpoint):
-    net = build_model("bisenetv1_r18", aux_heads=False).eval()
-    load_checkpoint(net, varied_r18_checkpoint)
-    return net
+def net(varied_r18_net):
+    return varied_r18_net
 
 
 @pytest.fixture(scope="module")

@@ -33,14 +33,7 @@ from model.zoo import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a small shared CPU, two spinning OpenMP threads competing with other
-    processes make tiny steps tens of times slower; results do not depend on it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(data_root, work_dir, **overrides) -> TrainConfig:

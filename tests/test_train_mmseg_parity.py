@@ -12,7 +12,6 @@ builds that venv; skipped elsewhere):
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -30,16 +29,12 @@ from model.iou import IoUMetric  # noqa: E402
 from model.train import segmentation_losses, train  # noqa: E402
 from model.train_config import TrainConfig  # noqa: E402
 from model.zoo import CITYSCAPES_CLASSES  # noqa: E402
-
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "parity_mmseg.py"
+from tests.conftest import load_parity_tool  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def parity():
-    spec = importlib.util.spec_from_file_location("parity_mmseg", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.stub_mmcv_ops()
+    module = load_parity_tool()
     from mmengine.registry import init_default_scope
 
     init_default_scope("mmseg")
