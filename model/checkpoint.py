@@ -132,6 +132,12 @@ def load_checkpoint(net: nn.Module, source: str | os.PathLike, strict_aux: bool 
     key raises CheckpointError listing them all.
     """
     state, meta = read_state_dict(source)
+    load_state(net, state, source, strict_aux)
+    return meta
+
+
+def load_state(net: nn.Module, state: dict, source: str | os.PathLike = "state_dict", strict_aux: bool = False) -> None:
+    """Load an already read (cleaned) state_dict with the checks of `load_checkpoint`."""
     own = net.state_dict()
     if not any(k.startswith("auxiliary_head.") for k in own):
         state = OrderedDict((k, v) for k, v in state.items() if not k.startswith("auxiliary_head."))
@@ -147,7 +153,6 @@ def load_checkpoint(net: nn.Module, source: str | os.PathLike, strict_aux: bool 
     if missing or unexpected or shapes:
         raise CheckpointError(_mismatch_message(source, missing, unexpected, shapes))
     net.load_state_dict(state, strict=False)
-    return meta
 
 
 def _mismatch_message(source, missing, unexpected, shapes) -> str:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .bisenet import build_model
-from .checkpoint import load_checkpoint, read_state_dict
+from .checkpoint import load_state, read_state_dict
 from .runtime import SegmentationEngine
 from .transforms import as_rgb_uint8
 from .zoo import ARCHS, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, ZOO, default_entry, resolve_arch
@@ -70,7 +70,7 @@ class Segmenter:
         self.num_classes = num_classes or state_classes or 19
         net = build_model(self.arch, num_classes=self.num_classes, aux_heads=False)
         if self.weights is not None:
-            load_checkpoint(net, self.weights)
+            load_state(net, state, self.weights)
         self.classes, self.palette = class_info(meta, self.num_classes)
         self.engine = SegmentationEngine(net, device, dtype, **engine_options)
         self.device = self.engine.device
