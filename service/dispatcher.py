@@ -166,7 +166,7 @@ class WorkerLink:
         code = self.process.exitcode
         if self.stopping:
             return
-        if self._fatal:
+        if self._fatal and not self.info:  # the first start failed: start-up fails with its message
             self._ready_event.set()
             return
         log.error("worker on %s died (exit code %s); restarting", self.device, code)

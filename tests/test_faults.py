@@ -183,3 +183,22 @@ def test_sigterm_finishes_in_flight_then_exits(service, body):
 def test_missing_weights_file():
     run = run_service("--model", "bisenetv1_r18=/nonexistent/r18.pth")
     assert run.returncode == 2 and "/nonexistent/r18.pth does not exist" in run.stderr
+
+
+def test_restart_that_fails_is_retried_until_it_works(r18_checkpoint, tmp_path, body):
+    """A worker that dies and cannot come back (its weights vanished) is retried with back-off;
+    the front end stays up, and the service is ready again once the file is back."""
+    weights = tmp_path / "r18.pth"
+    weights.write_bytes(open(r18_checkpoint, "rb").read())
+    svc = Service([*ARGS, "--model", f"bisenetv1_r18={weights}"]).wait_ready()
+    try:
+        (worker,) = svc.worker_pids()
+        weights.rename(tmp_path / "moved.pth")
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: metric_value(svc.metrics(), "seg_worker_restarts_total") >= 2, timeout=120, every=0.5)
+        assert httpx.get(f"{svc.url}/readyz").status_code == 503 and _answers(svc)
+        (tmp_path / "moved.pth").rename(weights)
+        svc.wait_ready(120)
+        assert post(svc, body).status_code == 200
+    finally:
+        svc.stop()
