@@ -355,17 +355,6 @@ class Dispatcher:
         for link in self.links:
             link.send("forget", name)
 
-    async def segment(
-        self, model: str, image: np.ndarray, deadline: float | None = None, link: WorkerLink | None = None
-    ) -> Result:
-        """Admit, place and run one decoded image (used by tests and simple callers)."""
-        self.admit(model)
-        try:
-            slot = self.place(image)
-            return await self.submit(model, slot, image.shape[:2], deadline, link)
-        finally:
-            self.release(model)
-
 
 def resolve_devices(devices: tuple[str, ...]) -> list[str]:
     """Expand auto/cuda to concrete devices; refuse CUDA devices that do not exist."""
