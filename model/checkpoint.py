@@ -86,7 +86,7 @@ def download(url: str, directory: Path | None = None, timeout: float = 60.0) -> 
     return target
 
 
-def _safe_load(path: Path) -> dict:
+def safe_load(path: Path) -> dict:
     """Read a checkpoint with `torch.load(weights_only=True)`.
 
     weights_only unpickling only rebuilds tensors and plain containers (dict, list, tuple, str,
@@ -112,7 +112,7 @@ def read_state_dict(source: str | os.PathLike) -> tuple["OrderedDict[str, torch.
     path = download(source) if source.startswith(("http://", "https://")) else Path(source)
     if not path.exists():
         raise CheckpointError(f"checkpoint file {path} does not exist")
-    obj = _safe_load(path)
+    obj = safe_load(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state_dict or checkpoint dict")
     meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
@@ -172,7 +172,8 @@ def _mismatch_message(source, missing, unexpected, shapes) -> str:
     )
 
 
-def checkpoint_num_classes(source: str | os.PathLike) -> int:
-    """The class count stored in a checkpoint (from decode_head.conv_seg.bias)."""
-    state, _ = read_state_dict(source)
+def num_classes_of(state: dict) -> int:
+    """The class count of a BiSeNetV1 state_dict (from decode_head.conv_seg.bias)."""
+    if "decode_head.conv_seg.bias" not in state:
+        raise CheckpointError("the checkpoint has no decode_head.conv_seg: not a BiSeNetV1 segmentation model")
     return int(state["decode_head.conv_seg.bias"].shape[0])

@@ -26,13 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from .bisenet import build_model
-from .checkpoint import CheckpointError, load_checkpoint, read_state_dict
+from .checkpoint import CheckpointError, load_checkpoint, num_classes_of, read_state_dict
 from .data import DatasetError, DatasetInfo, EvalDataset, open_dataset
 from .distributed import DistEnv, cleanup_distributed, init_distributed
 from .iou import IoUMetric, format_table
 from .predictor import infer_arch
 from .progress import progress
-from .snapshots import num_classes_of
 from .train_config import size_pair
 from .transforms import TEST_SCALE, logits_to_labels, normalise, test_size
 from .zoo import ZOO

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .bisenet import build_model
-from .checkpoint import load_state, read_state_dict
+from .checkpoint import load_state, num_classes_of, read_state_dict
 from .runtime import SegmentationEngine
 from .transforms import as_rgb_uint8
 from .zoo import ARCHS, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, ZOO, default_entry, resolve_arch
@@ -63,9 +63,7 @@ class Segmenter:
         state: dict = {}
         if self.weights is not None:
             state, meta = read_state_dict(self.weights)
-            state_classes = (
-                int(state["decode_head.conv_seg.bias"].shape[0]) if "decode_head.conv_seg.bias" in state else None
-            )
+            state_classes = num_classes_of(state) if "decode_head.conv_seg.bias" in state else None
         self.arch = resolve_arch(name) if is_known(name) or not state else infer_arch(state)
         self.num_classes = num_classes or state_classes or 19
         net = build_model(self.arch, num_classes=self.num_classes, aux_heads=False)

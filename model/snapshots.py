@@ -21,19 +21,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, read_state_dict
+from .checkpoint import CheckpointError, num_classes_of, read_state_dict, safe_load
 from .predictor import infer_arch
 from .zoo import ZOO
 
 LATEST = "latest.pth"
 LAST_CHECKPOINT = "last_checkpoint"  # mmengine's pointer file: the path of the newest checkpoint
 BACKBONE_PREFIX = "backbone.context_path.backbone."
-
-
-def num_classes_of(state: dict) -> int:
-    if "decode_head.conv_seg.bias" not in state:
-        raise CheckpointError("the checkpoint has no decode_head.conv_seg: not a BiSeNetV1 segmentation model")
-    return int(state["decode_head.conv_seg.bias"].shape[0])
 
 
 def clean_state_dict(module: nn.Module) -> OrderedDict:
@@ -115,10 +109,7 @@ def load_training_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"resume checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - one clear error for any unreadable file
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    ckpt = safe_load(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise CheckpointError(f"{path} is not a checkpoint with a state_dict")
     if "optimizer" not in ckpt or "train_state" not in ckpt:

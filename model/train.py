@@ -54,7 +54,7 @@ from .snapshots import (
     save_training_checkpoint,
 )
 from .train_config import TrainConfig, build_parser, config_from_args
-from .transforms import MEAN, STD
+from .transforms import mean_std
 
 log = logging.getLogger("model.train")
 LOSS_NAMES = ("decode.loss_ce", "aux_0.loss_ce", "aux_1.loss_ce")
@@ -78,8 +78,7 @@ def segmentation_losses(outputs, label: torch.Tensor, aux_weight: float = 1.0) -
 
 def normalise_batch(images: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 3, H, W) RGB -> normalised float; the padding becomes 0 as mmseg pads after normalising."""
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
+    mean, std = mean_std(images.device)
     x = (images.float() - mean) / std
     for i, (h, w) in enumerate(valid.tolist()):
         x[i, :, h:, :] = 0

@@ -36,12 +36,12 @@ def normalise(images: torch.Tensor, size: tuple[int, int], dtype: torch.dtype = 
     if tuple(images.shape[1:3]) != tuple(size):
         images = resize_uint8(images, size)
     x = images.permute(0, 3, 1, 2).float()
-    mean, std = _mean_std(x.device)
+    mean, std = mean_std(x.device)
     return ((x - mean) / std).to(dtype)
 
 
 @functools.cache
-def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     # Made once per device: a host-to-device copy is not allowed while a CUDA graph is captured,
     # and the eager warm-up before capture fills this cache.
     with torch.inference_mode(False):  # ordinary tensors, usable in and out of inference mode
