@@ -5,13 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 
-from service.bench import free_port
+from service.bench import free_port, service_command, wait_http_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small test-time resize so CPU inference takes milliseconds; the pipeline is otherwise the real one.
@@ -23,18 +21,7 @@ class Service:
         self.http_port, self.grpc_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "service",
-            "--host",
-            "127.0.0.1",
-            "--http-port",
-            str(self.http_port),
-            "--grpc-port",
-            str(self.grpc_port),
-            *args,
-        ]
+        cmd = service_command(self.http_port, self.grpc_port, args)
         self.log = open(os.devnull, "wb") if not os.environ.get("SERVICE_LOGS") else None  # noqa: SIM115
         self.proc = subprocess.Popen(
             cmd,
@@ -45,17 +32,8 @@ class Service:
         )
 
     def wait_ready(self, timeout: float = 180.0) -> Service:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"service exited with code {self.proc.returncode}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError("service not ready in time")
+        wait_http_ready(self.proc, f"{self.url}/readyz", timeout)
+        return self
 
     def worker_pids(self) -> list[int]:
         """The spawned worker processes (children running multiprocessing.spawn, not the tracker)."""

@@ -9,6 +9,7 @@ once when needed); a test skips, naming the tool, only if it still cannot be fou
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import json
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from service.bench import service_command, wait_http_ready
 from tests.servicekit import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -639,60 +641,41 @@ def test_compose_defaults_are_settings_the_service_accepts(variant, yaml, compos
     assert differing == expected, {k: (own[k], got[k]) for k in differing}
 
 
+@contextlib.contextmanager
+def run_until_stopped(cmd, env, log, ready_url: str, ready_s: float, stop_s: float):
+    """Run `cmd` in its own process group (output to `log`), enter once `ready_url` answers 200,
+    then SIGTERM the group (SIGKILL after `stop_s`). Fails the test with the log's tail if the
+    process exits or is not ready in `ready_s`."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        try:
+            wait_http_ready(proc, ready_url, ready_s)
+        except (RuntimeError, TimeoutError) as exc:
+            pytest.fail(f"{Path(cmd[0]).name} {exc}: {log.read_text()[-3000:]}")
+        yield
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=stop_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
 @pytest.fixture(scope="module")
 def live_service(tmp_path_factory):
     """`python -m service` with random R18 weights on the CPU, on loopback, until /readyz says 200."""
     if not HAS_SERVICE:
         pytest.skip("the service package (python -m service) is not there yet")
-    import httpx
-
-    http_port, grpc_port = free_port(), free_port()
+    http_port = free_port()
     log = tmp_path_factory.mktemp("service") / "service.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("BISENET_")}
-    cmd = [
-        sys.executable,
-        "-m",
-        "service",
-        "--model",
-        "bisenetv1_r18=random",
-        "--device",
-        "cpu",
-        "--host",
-        "127.0.0.1",
-        "--http-port",
-        str(http_port),
-        "--grpc-port",
-        str(grpc_port),
-        "--warm-shapes",
-        "64x128",
-        "--max-batch",
-        "2",
-    ]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    args = ["--model", "bisenetv1_r18=random", "--device", "cpu", "--warm-shapes", "64x128", "--max-batch", "2"]
     base = f"http://127.0.0.1:{http_port}"
-    try:
-        deadline = time.monotonic() + 200
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the service exited ({proc.returncode}): {log.read_text()[-3000:]}")
-            try:
-                if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"not ready in 200 s: {log.read_text()[-3000:]}")
-            time.sleep(0.5)
+    with run_until_stopped(service_command(http_port, free_port(), args), env, log, base + "/readyz", 200, 30):
         yield base
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
 
 
 def png_bytes(height: int = 64, width: int = 128) -> bytes:
@@ -790,8 +773,6 @@ def live_prometheus(live_service, yaml, tmp_path_factory):
         prometheus = find_tool("prometheus")
     if not prometheus:
         pytest.skip("prometheus is not installed and tools/ensure_deploy_tools.sh could not install it")
-    import httpx
-
     work = tmp_path_factory.mktemp("prometheus")
     port = free_port()
     config = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
@@ -802,42 +783,15 @@ def live_prometheus(live_service, yaml, tmp_path_factory):
         address = service_addr if job["job_name"] == "bisenet-serve" else f"127.0.0.1:{port}"
         job["static_configs"] = [{"targets": [address]}]
     (work / "prometheus.yml").write_text(yaml.safe_dump(config))
-    log = work / "prometheus.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [
-                prometheus,
-                f"--config.file={work / 'prometheus.yml'}",
-                f"--storage.tsdb.path={work / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    cmd = [
+        prometheus,
+        f"--config.file={work / 'prometheus.yml'}",
+        f"--storage.tsdb.path={work / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"prometheus exited ({proc.returncode}): {log.read_text()[-3000:]}")
-            try:
-                if httpx.get(base + "/-/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"prometheus not ready in 60 s: {log.read_text()[-3000:]}")
-            time.sleep(0.3)
+    with run_until_stopped(cmd, os.environ, work / "prometheus.log", base + "/-/ready", 60, 20):
         yield base
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
 
 
 def query(prom: str, expr: str) -> list[dict]:
