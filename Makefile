@@ -36,7 +36,7 @@ proto: venv
 	$(PY) proto/generate.py
 
 bench: venv
-	$(PY) -m model.bench
+	$(VENV)/bin/bisenet bench model
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

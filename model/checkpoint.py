@@ -8,9 +8,12 @@ Environment:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import re
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -19,6 +22,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
+
+log = logging.getLogger("model.checkpoint")
 
 HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.(?:pth|pt)$")
 
@@ -58,23 +64,22 @@ def download(url: str, directory: Path | None = None, timeout: float = 60.0) -> 
     digest = hashlib.sha256()
     fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", suffix=".part", dir=directory)
     try:
-        with os.fdopen(fd, "wb") as out:
-            if "://" in source:
-                with urllib.request.urlopen(source, timeout=timeout) as resp:  # noqa: S310 - http(s) only
-                    while chunk := resp.read(1 << 20):
-                        digest.update(chunk)
-                        out.write(chunk)
-            else:
-                with open(source, "rb") as src:
-                    while chunk := src.read(1 << 20):
-                        digest.update(chunk)
-                        out.write(chunk)
+        with os.fdopen(fd, "wb") as out, _open_source(source, timeout) as (src, size):
+            log.info(
+                "downloading %s (%s) from %s", filename, f"{size / 2**20:.0f} MB" if size else "size unknown", source
+            )
+            with tqdm(total=size, desc=filename, unit="B", unit_scale=True, disable=not sys.stderr.isatty()) as bar:
+                while chunk := src.read(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+                    bar.update(len(chunk))
         if expected and not digest.hexdigest().startswith(expected.group(1)):
             raise CheckpointError(
                 f"{filename}: sha256 {digest.hexdigest()[:16]}... does not match the expected prefix "
                 f"{expected.group(1)} (downloaded from {source}); the file was discarded"
             )
         os.replace(tmp, target)
+        log.info("saved %s", target)
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
         raise CheckpointError(
             f"could not download {filename} from {source}: {exc}. Set BISENET_WEIGHTS_MIRROR to a URL or "
@@ -84,6 +89,18 @@ def download(url: str, directory: Path | None = None, timeout: float = 60.0) -> 
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+@contextlib.contextmanager
+def _open_source(source: str, timeout: float):
+    """(readable file, size in bytes or None) for an http(s) URL or a local path."""
+    if "://" in source:
+        with urllib.request.urlopen(source, timeout=timeout) as resp:  # noqa: S310 - http(s) only
+            length = resp.headers.get("Content-Length")
+            yield resp, int(length) if length and length.isdigit() else None
+    else:
+        with open(source, "rb") as src:
+            yield src, os.fstat(src.fileno()).st_size
 
 
 def safe_load(path: Path) -> dict:

@@ -10,8 +10,8 @@ from model.checkpoint import CheckpointError
 
 from .config import ConfigError, load_settings
 from .core import fetch_weights
-from .dispatcher import resolve_devices
 from .errors import ServiceError
+from .worker.link import resolve_devices
 
 
 def main(argv: list[str] | None = None) -> int:

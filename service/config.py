@@ -109,7 +109,7 @@ def _env(name: str, default):
 
 def build_parser() -> argparse.ArgumentParser:
     d = Settings()
-    p = argparse.ArgumentParser(prog="bisenet-serve", description="BiSeNetV1 segmentation service (REST + gRPC)")
+    p = argparse.ArgumentParser(prog="bisenet serve", description="BiSeNetV1 segmentation service (REST + gRPC)")
     p.add_argument(
         "--model",
         action="append",

@@ -14,11 +14,11 @@ import numpy as np
 from model.checkpoint import CheckpointError, download
 from model.predictor import resolve_weights
 
-from . import imaging
+from .api import imaging
 from .config import ALIASES, Settings
-from .dispatcher import Dispatcher, Result, WorkerLink
 from .errors import CODES, ServiceError
 from .metrics import Metrics
+from .worker.link import Dispatcher, Result, WorkerLink
 
 log = logging.getLogger("service")
 DEFAULT_TIMEOUT = 120.0  # seconds a request without a deadline may wait before 504

@@ -9,9 +9,9 @@ import signal
 
 import uvicorn
 
+from .api.rest import create_app
 from .config import Settings
 from .core import SegmentationService
-from .http_api import create_app
 
 log = logging.getLogger("service")
 
@@ -43,7 +43,7 @@ async def serve(settings: Settings, model_weights: dict[str, str]) -> int:
     http_task = asyncio.create_task(http.serve())  # health and readiness answer while models load
     try:
         if settings.grpc_port:
-            from .grpc_api import start_grpc_server
+            from .api.grpc_server import start_grpc_server
 
             grpc_server = await start_grpc_server(service, settings)
         start_task = asyncio.create_task(service.start())

@@ -1,17 +1,19 @@
-"""Start the real service (`python -m service`) as a subprocess on free 127.0.0.1 ports."""
+"""Start the real service (`bisenet serve`, as `python -m service`) as a subprocess on free 127.0.0.1 ports."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 
-from service.bench import free_port, service_command, wait_http_ready
+from service.bench.processes import free_port, service_command, wait_http_ready
 
 ROOT = Path(__file__).resolve().parents[1]
+BISENET = str(Path(sys.executable).with_name("bisenet"))  # the installed console script
 # Small test-time resize so CPU inference takes milliseconds; the pipeline is otherwise the real one.
 FAST_ARGS = ["--device", "cpu", "--warm-shapes", "none", "--resize-scale", "256x128", "--log-level", "warning"]
 

@@ -39,7 +39,7 @@ def scene(seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def make_cityscapes(root: Path, n_train: int = 4, n_val: int = 2, train_ids: bool = True) -> Path:
     """ROOT/leftImg8bit/{train,val}/synth/*_leftImg8bit.png + gtFine labelIds (and labelTrainIds)."""
-    from model.data import label_ids_to_train_ids
+    from model.training.cityscapes import label_ids_to_train_ids
 
     for split, count, offset in (("train", n_train, 0), ("val", n_val, 100)):
         img_dir = root / "leftImg8bit" / split / "synth"

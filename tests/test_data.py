@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from PIL import Image
 from synthetic_data import CUSTOM_CLASSES, CUSTOM_PALETTE, SHAPES, make_cityscapes, make_custom, scene
 
-from model import data
-from model.augment import (
+from model.training import cityscapes, data
+from model.training.augment import (
     PhotoMetricDistortion,
     TrainTransform,
     hsv_to_rgb_u8,
@@ -21,7 +21,8 @@ from model.augment import (
     resize_window_bilinear,
     rgb_to_hsv_u8,
 )
-from model.data import DatasetError, IterationSampler, check_dataset, label_ids_to_train_ids, open_dataset
+from model.training.cityscapes import label_ids_to_train_ids
+from model.training.data import DatasetError, IterationSampler, check_dataset, open_dataset
 from model.zoo import CITYSCAPES_CLASSES
 
 # -- Cityscapes label conversion ---------------------------------------------------------------
@@ -46,14 +47,14 @@ def test_prepare_cityscapes_writes_train_ids(tmp_path, capsys):
     root = make_cityscapes(tmp_path / "cs", n_train=2, n_val=1, train_ids=False)
     with pytest.raises(DatasetError, match="prepare-cityscapes"):
         open_dataset(root, "train")  # labelIds only: the error says what to run
-    assert data.main(["prepare-cityscapes", str(root)]) == 0
+    assert cityscapes.main([str(root)]) == 0
     assert "wrote 3 labelTrainIds files" in capsys.readouterr().out
     _, ids = scene(0)
     written = np.asarray(Image.open(root / "gtFine/train/synth/synth_000000_000019_gtFine_labelTrainIds.png"))
     for label_id, train_id, _ in SHAPES.values():
         assert (written[ids == label_id] == train_id).all()
     assert set(np.unique(written)) == {0, 2, 10, 13, 255}
-    assert data.main(["prepare-cityscapes", str(root)]) == 0  # existing files are kept
+    assert cityscapes.main([str(root)]) == 0  # existing files are kept
     assert "wrote 0" in capsys.readouterr().out
     info = open_dataset(root, "train")
     assert (info.layout, len(info.samples), info.classes) == ("cityscapes", 2, CITYSCAPES_CLASSES)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from service.bench import service_command, wait_http_ready
+from service.bench.processes import service_command, wait_http_ready
 from tests.servicekit import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

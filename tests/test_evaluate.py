@@ -1,4 +1,4 @@
-"""The IoU metric (against a hand computation) and `python -m model.evaluate`."""
+"""The IoU metric (against a hand computation) and `bisenet evaluate`."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch
 from synthetic_data import make_cityscapes, make_custom
 
 from model import build_model
-from model.data import open_dataset
-from model.evaluate import evaluate, main, predict_multi_scale, predict_single_scale, tta_size
-from model.iou import IoUMetric, compute_metrics, format_table, intersect_and_union
+from model.training.data import open_dataset
+from model.training.evaluate import evaluate, main, predict_multi_scale, predict_single_scale, tta_size
+from model.training.iou import IoUMetric, compute_metrics, format_table, intersect_and_union
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -8,7 +8,6 @@ import json
 import os
 import queue
 import subprocess
-import sys
 import threading
 import time
 
@@ -22,7 +21,7 @@ from PIL import Image
 from service.client import GrpcSegmentationClient, SegmentationError
 from service.proto import segmentation_pb2 as pb
 from service.proto import segmentation_pb2_grpc as pb_grpc
-from tests.servicekit import FAST_ARGS, ROOT, Service, metric_value
+from tests.servicekit import BISENET, FAST_ARGS, ROOT, Service, metric_value
 
 KEY = "grpc-key"
 AUTH = (("x-api-key", KEY),)
@@ -453,13 +452,11 @@ def test_stream_cli_on_a_video(service, tmp_path, frames):
             container.mux(packet)
     out = tmp_path / "overlay.mp4"
     cmd = [
-        sys.executable,
-        "-m",
-        "service.client",
-        "--api-key",
-        KEY,
+        BISENET,
         "stream",
         str(video),
+        "--api-key",
+        KEY,
         "--grpc",
         service.grpc_target,
         "--policy",
@@ -490,9 +487,9 @@ def test_tls_api_key_and_health_before_ready(tmp_path):
 
     if not shutil.which("openssl"):
         pytest.skip("needs the openssl command")
+    from service.api.grpc_server import start_grpc_server
     from service.config import ModelSpec, Settings
     from service.core import SegmentationService
-    from service.grpc_api import start_grpc_server
 
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(

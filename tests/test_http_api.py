@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import subprocess
-import sys
 import threading
 
 import httpx
@@ -15,7 +14,7 @@ from PIL import Image
 
 from model import CITYSCAPES_PALETTE, Segmenter
 from service.client import SegmentationClient, SegmentationError
-from tests.servicekit import FAST_ARGS, Service, metric_value
+from tests.servicekit import BISENET, FAST_ARGS, Service, metric_value
 
 KEY = "test-key"
 HEADERS = {"X-API-Key": KEY}
@@ -320,15 +319,13 @@ def test_client_cli(service, photo_small, tmp_path):
     out, overlay = tmp_path / "labels.png", tmp_path / "overlay.jpg"
     run = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "service.client",
+            BISENET,
+            "segment",
+            str(src),
             "--url",
             service.url,
             "--api-key",
             KEY,
-            "segment",
-            str(src),
             "-o",
             str(out),
             "--overlay",

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from service.errors import ServiceError
-from service.ipc import SlotMaps, SlotPool
-from service.scheduler import BatchScheduler, Job
+from service.worker.scheduler import BatchScheduler, Job
+from service.worker.shm import SlotMaps, SlotPool
 
 
 def job(i, model="m", shape=(4, 4), arrival=0.0, deadline=None):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from service.streaming import OrderedStream, StreamIdle
+from service.api.streaming import OrderedStream, StreamIdle
 
 
 async def frames(n: int, every: float = 0.0, log: list | None = None):

@@ -18,17 +18,19 @@ import torch
 from PIL import Image
 from synthetic_data import CUSTOM_CLASSES, CUSTOM_PALETTE, make_cityscapes, make_custom, scene
 
-from model import Segmenter, build_model, data
+from model import Segmenter, build_model
 from model.checkpoint import CheckpointError
-from model.data import DatasetError, open_dataset
-from model.distributed import state_digest
-from model.evaluate import evaluate, predict_single_scale
 from model.resnet import ResNet
-from model.schedule import PolyWarmupSchedule
-from model.snapshots import load_backbone_weights
-from model.train import StopTraining, apply_sync_bn, segmentation_losses, train
-from model.train_config import PRESETS, TORCHVISION_RESNET, TrainConfig, build_parser, config_from_args
+from model.training.cityscapes import label_ids_to_train_ids
+from model.training.config import PRESETS, TORCHVISION_RESNET, TrainConfig, build_parser, config_from_args
+from model.training.data import DatasetError, open_dataset
+from model.training.distributed import state_digest
+from model.training.evaluate import evaluate, predict_single_scale
+from model.training.schedule import PolyWarmupSchedule
+from model.training.snapshots import load_backbone_weights
+from model.training.train import StopTraining, apply_sync_bn, segmentation_losses, train
 from model.zoo import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
+from service.cli import main as bisenet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +65,7 @@ def tiny(data_root, work_dir, **overrides) -> TrainConfig:
 @pytest.fixture(scope="module")
 def cityscapes(tmp_path_factory) -> Path:
     root = make_cityscapes(tmp_path_factory.mktemp("data") / "cityscapes", n_train=4, n_val=2, train_ids=False)
-    assert data.main(["prepare-cityscapes", str(root)]) == 0
+    assert bisenet(["prepare-cityscapes", str(root)]) == 0
     return root
 
 
@@ -124,7 +126,7 @@ def test_trained_checkpoint_serves_through_segmenter(overfit_dir):
     image, ids = scene(1)  # a training image
     labels = segmenter.predict(image)
     assert labels.shape == image.shape[:2] and set(np.unique(labels)) <= set(range(19))
-    expected_ids = data.label_ids_to_train_ids(ids)
+    expected_ids = label_ids_to_train_ids(ids)
     valid = expected_ids != 255
     assert (labels == expected_ids)[valid].mean() > 0.8  # it learned these images
     net = build_model("bisenetv1_r18", aux_heads=False)
@@ -204,8 +206,9 @@ def test_torchrun_two_processes_hold_the_same_model(cityscapes, tmp_path):
         "--standalone",
         "--nproc_per_node",
         "2",
-        "-m",
-        "model.train",
+        "--no-python",
+        str(Path(sys.executable).with_name("bisenet")),
+        "train",
         "--data",
         str(cityscapes),
         "--work-dir",

@@ -22,12 +22,12 @@ pytest.importorskip("mmseg")
 
 from synthetic_data import CUSTOM_CLASSES, make_cityscapes, make_custom, scene  # noqa: E402
 
-from model.augment import PhotoMetricDistortion, TrainTransform  # noqa: E402
-from model.data import label_ids_to_train_ids  # noqa: E402
-from model.evaluate import load_model, predict_multi_scale, predict_single_scale  # noqa: E402
-from model.iou import IoUMetric  # noqa: E402
-from model.train import segmentation_losses, train  # noqa: E402
-from model.train_config import TrainConfig  # noqa: E402
+from model.training.augment import PhotoMetricDistortion, TrainTransform  # noqa: E402
+from model.training.cityscapes import label_ids_to_train_ids  # noqa: E402
+from model.training.config import TrainConfig  # noqa: E402
+from model.training.evaluate import load_model, predict_multi_scale, predict_single_scale  # noqa: E402
+from model.training.iou import IoUMetric  # noqa: E402
+from model.training.train import segmentation_losses, train  # noqa: E402
 from model.zoo import CITYSCAPES_CLASSES  # noqa: E402
 from tests.conftest import load_parity_tool  # noqa: E402
 

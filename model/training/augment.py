@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .transforms import test_size as rescale_size
+from ..transforms import test_size as rescale_size
 
 IGNORE_INDEX = 255
 

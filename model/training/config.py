@@ -8,8 +8,8 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from ..zoo import ZOO
 from .schedule import STYLES
-from .zoo import ZOO
 
 # torchvision's ImageNet ResNet weights (the file names carry their sha256 prefix, which the
 # downloader checks). mmseg's "in1k-pre" configs use open-mmlab://resnet{18,50}_v1c instead.
@@ -143,7 +143,7 @@ def float_pair(text: str) -> tuple[float, float]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m model.train",
+        prog="bisenet train",
         description="Train BiSeNetV1 with mmsegmentation's Cityscapes recipe (one process, or torchrun for many GPUs). "
         "Every setting comes from --preset and can be overridden by its flag.",
         epilog=presets_help() + "\n\nSee docs/training.md.",

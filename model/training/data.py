@@ -12,8 +12,8 @@ Custom (your own data):
   With `images/train` and `images/val` the splits are those folders; otherwise the flat folders
   serve as both the training and the validation set.
 
-`python -m model.data prepare-cityscapes ROOT` writes the train-id labels;
-`python -m model.data check ROOT` runs every check training runs before its first step.
+`bisenet prepare-cityscapes ROOT` writes the train-id labels (cityscapes.py);
+`bisenet check-data ROOT` runs every check training runs before its first step.
 """
 
 from __future__ import annotations
@@ -30,19 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
-from .progress import progress
-from .zoo import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
+from ..zoo import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
 
 IGNORE_INDEX = 255
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
-
-# Cityscapes labelIds 0-33 -> trainIds (cityscapesScripts `labels.py`); everything else is ignored.
-# fmt: off
-CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
-                        24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
-# fmt: on
 
 
 class DatasetError(ValueError):
@@ -67,50 +61,6 @@ class DatasetInfo:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
-
-
-# -- Cityscapes label conversion ---------------------------------------------------------------
-def label_id_lut() -> np.ndarray:
-    lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
-    for label_id, train_id in CITYSCAPES_TRAIN_IDS.items():
-        lut[label_id] = train_id
-    return lut
-
-
-def label_ids_to_train_ids(label_ids: np.ndarray) -> np.ndarray:
-    """Cityscapes labelIds (0-33) -> trainIds (0-18), 255 for void and unknown ids."""
-    if label_ids.dtype != np.uint8:
-        label_ids = np.where((label_ids >= 0) & (label_ids < 256), label_ids, 0).astype(np.uint8)
-    return label_id_lut()[label_ids]
-
-
-def _convert_one(path: Path, overwrite: bool) -> bool:
-    target = path.with_name(path.name.replace("_gtFine_labelIds.png", "_gtFine_labelTrainIds.png"))
-    if target.exists() and not overwrite:
-        return False
-    train_ids = label_ids_to_train_ids(np.asarray(Image.open(path)))
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    Image.fromarray(train_ids, mode="L").save(tmp, format="PNG")
-    os.replace(tmp, target)  # never leave a half-written label that looks complete
-    return True
-
-
-def prepare_cityscapes(root: str | os.PathLike, workers: int | None = None, overwrite: bool = False) -> int:
-    """Write `*_gtFine_labelTrainIds.png` next to every `*_gtFine_labelIds.png`; returns how many."""
-    gt = Path(root) / "gtFine"
-    if not gt.is_dir():
-        raise DatasetError(f"{gt} does not exist: ROOT must hold the Cityscapes gtFine/ and leftImg8bit/ folders")
-    sources = sorted(gt.glob("*/*/*_gtFine_labelIds.png"))
-    if not sources:
-        raise DatasetError(f"no *_gtFine_labelIds.png files under {gt}/SPLIT/CITY/")
-    written = 0
-    bar = progress(len(sources), desc="labelTrainIds")
-    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
-        for done in pool.map(lambda p: _convert_one(p, overwrite), sources):
-            written += done
-            bar.update()
-    bar.close()
-    return written
 
 
 # -- discovering datasets ----------------------------------------------------------------------
@@ -145,8 +95,7 @@ def cityscapes_samples(root: Path, split: str) -> tuple[Sample, ...]:
     if not labels:
         if any(label_dir.glob("*/*_gtFine_labelIds.png")):
             raise DatasetError(
-                f"{label_dir} has labelIds but no labelTrainIds files: run "
-                f"`python -m model.data prepare-cityscapes {root}` first"
+                f"{label_dir} has labelIds but no labelTrainIds files: run `bisenet prepare-cityscapes {root}` first"
             )
         raise DatasetError(f"{label_dir} holds no CITY/*_gtFine_labelTrainIds.png labels")
     if images.keys() != labels.keys():
@@ -319,7 +268,7 @@ def check_dataset(
     if not info.samples:
         raise DatasetError(f"{info.root} ({info.split}) holds no samples")
     problems: list[str] = []
-    bar = progress(len(info.samples), desc=f"checking {info.split}", enabled=show_progress)
+    bar = tqdm(total=len(info.samples), desc=f"checking {info.split}", disable=not show_progress, dynamic_ncols=True)
     with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
         for problem in pool.map(lambda s: _check_sample(s, info.num_classes, values), info.samples):
             if problem:
@@ -414,35 +363,17 @@ class IterationSampler(torch.utils.data.Sampler):
 
 
 # -- command line ------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m model.data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    prep = sub.add_parser("prepare-cityscapes", help="write *_gtFine_labelTrainIds.png from *_gtFine_labelIds.png")
-    prep.add_argument("root", help="Cityscapes folder holding leftImg8bit/ and gtFine/")
-    prep.add_argument("--workers", type=int, default=None, help="threads (default: up to 8)")
-    prep.add_argument("--overwrite", action="store_true", help="rewrite existing labelTrainIds files")
-    check = sub.add_parser("check", help="run the checks training runs before its first step")
-    check.add_argument("root")
-    check.add_argument("--split", default="train")
-    check.add_argument("--classes", default=None, help="class file (default: ROOT/classes.json; Cityscapes built in)")
+def check_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bisenet check-data", description="Run the checks training runs first.")
+    parser.add_argument("root", help="dataset folder (Cityscapes or images/ + masks/)")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--classes", default=None, help="class file (default: ROOT/classes.json; Cityscapes built in)")
     args = parser.parse_args(argv)
     try:
-        if args.command == "prepare-cityscapes":
-            written = prepare_cityscapes(args.root, args.workers, args.overwrite)
-            print(f"wrote {written} labelTrainIds files under {Path(args.root) / 'gtFine'}")
-        else:
-            info = open_dataset(args.root, args.split, args.classes)
-            check_dataset(info)
-            print(
-                f"{info.root} ({info.layout}, {info.split}): {len(info.samples)} samples, {info.num_classes} classes, OK"
-            )
+        info = open_dataset(args.root, args.split, args.classes)
+        check_dataset(info)
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    print(f"{info.root} ({info.layout}, {info.split}): {len(info.samples)} samples, {info.num_classes} classes, OK")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

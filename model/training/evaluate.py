@@ -24,17 +24,17 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from .bisenet import build_model
-from .checkpoint import CheckpointError, load_checkpoint, num_classes_of, read_state_dict
+from ..bisenet import build_model
+from ..checkpoint import CheckpointError, load_checkpoint, num_classes_of, read_state_dict
+from ..predictor import infer_arch
+from ..transforms import TEST_SCALE, logits_to_labels, normalise, test_size
+from ..zoo import ZOO
+from .config import size_pair
 from .data import DatasetError, DatasetInfo, EvalDataset, open_dataset
 from .distributed import DistEnv, cleanup_distributed, init_distributed
 from .iou import IoUMetric, format_table
-from .predictor import infer_arch
-from .progress import progress
-from .train_config import size_pair
-from .transforms import TEST_SCALE, logits_to_labels, normalise, test_size
-from .zoo import ZOO
 
 TTA_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
@@ -101,7 +101,7 @@ def evaluate(
     metric = IoUMetric(info.num_classes, device=device)
     was_training = net.training
     net.eval()
-    bar = progress(len(dataset), desc="evaluating", enabled=show_progress and rank == 0)
+    bar = tqdm(total=len(dataset), desc="evaluating", disable=not (show_progress and rank == 0), dynamic_ncols=True)
     try:
         with torch.inference_mode():
             for image, label in loader:
@@ -141,7 +141,7 @@ def _nan_to_none(value):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m model.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="bisenet evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("checkpoint", help="checkpoint path, URL, or a zoo name (" + ", ".join(ZOO) + ")")
     parser.add_argument("--data", required=True, help="dataset folder (Cityscapes or custom layout)")

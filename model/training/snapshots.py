@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, num_classes_of, read_state_dict, safe_load
-from .predictor import infer_arch
-from .zoo import ZOO
+from ..checkpoint import CheckpointError, num_classes_of, read_state_dict, safe_load
+from ..predictor import infer_arch
+from ..zoo import ZOO
 
 LATEST = "latest.pth"
 LAST_CHECKPOINT = "last_checkpoint"  # mmengine's pointer file: the path of the newest checkpoint

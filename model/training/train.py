@@ -25,10 +25,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
+from ..bisenet import build_model
+from ..checkpoint import CheckpointError
+from ..transforms import mean_std
 from .augment import PhotoMetricDistortion, TrainTransform
-from .bisenet import build_model
-from .checkpoint import CheckpointError
+from .config import TrainConfig, build_parser, config_from_args
 from .data import IGNORE_INDEX, DatasetError, DatasetInfo, IterationSampler, TrainDataset, check_dataset, open_dataset
 from .distributed import (
     DistEnv,
@@ -41,7 +44,6 @@ from .distributed import (
 )
 from .evaluate import evaluate
 from .iou import format_table
-from .progress import format_duration, progress
 from .schedule import PolyWarmupSchedule
 from .snapshots import (
     build_meta,
@@ -53,8 +55,6 @@ from .snapshots import (
     load_training_checkpoint,
     save_training_checkpoint,
 )
-from .train_config import TrainConfig, build_parser, config_from_args
-from .transforms import mean_std
 
 log = logging.getLogger("model.train")
 LOSS_NAMES = ("decode.loss_ce", "aux_0.loss_ce", "aux_1.loss_ce")
@@ -351,7 +351,13 @@ class Trainer:
             cfg.amp,
         )
         images_per_step = cfg.batch_size * env.world_size
-        bar = progress(cfg.iters, desc="train", initial=self.start_iter, enabled=env.is_main and sys.stderr.isatty())
+        bar = tqdm(
+            total=cfg.iters,
+            initial=self.start_iter,
+            desc="train",
+            disable=not (env.is_main and sys.stderr.isatty()),
+            dynamic_ncols=True,
+        )
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         window_start, window_iters, data_time = time.perf_counter(), 0, 0.0
         run_start, last_path = time.perf_counter(), None
@@ -416,7 +422,7 @@ class Trainer:
         if self.device.type == "cuda":
             scalars["memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
             memory = f"  memory: {scalars['memory_mb']:.0f}MB"
-        eta = format_duration(sec_per_iter * (self.cfg.iters - done))
+        eta = tqdm.format_interval(sec_per_iter * (self.cfg.iters - done))
         losses = "  ".join(f"{k}: {means[k]:.4f}" for k in ("loss", *LOSS_NAMES) if k in means)
         log.info(
             "Iter(train) [%d/%d]  lr: %.4e  eta: %s  time: %.3f  data_time: %.3f  img/s: %.1f%s  %s",

@@ -15,27 +15,23 @@ import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from ..config import Settings
+from ..core import SegmentationService, Served
+from ..errors import ServiceError
+from ..proto import segmentation_pb2 as pb
+from ..proto import segmentation_pb2_grpc as pb_grpc
+from ..worker.link import WorkerLink
 from . import imaging
-from .config import Settings
-from .core import SegmentationService, Served
-from .dispatcher import WorkerLink
-from .errors import ServiceError
-from .http_api import api_key_from
-from .proto import segmentation_pb2 as pb
-from .proto import segmentation_pb2_grpc as pb_grpc
+from .auth import api_key_from
 from .streaming import DEFAULT_MAX_IN_FLIGHT, MAX_IN_FLIGHT_LIMIT, OrderedStream, StreamIdle
 
 log = logging.getLogger("service.grpc")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Segmentation"].full_name
 MESSAGE_HEADROOM = 64 * 1024  # the fields around the image bytes
-HEALTH_POLL_SECONDS = 0.25
 FORMAT_LABEL = {pb.LABELS_PNG: "png", pb.LABELS_RAW: "raw", pb.OVERLAY_JPEG: "overlay", pb.STATS_ONLY: "stats"}
 POLICY_NAME = {pb.DROP_POLICY_LATEST: "latest", pb.DROP_POLICY_BLOCK: "block"}
 
@@ -346,87 +342,3 @@ def first_message_options(first: pb.SegmentRequest, policy: str | None, limit: i
             f"metadata max-in-flight {limit} contradicts the first message's max_in_flight {first.max_in_flight}",
         )
     return field_policy or policy or "latest", first.max_in_flight or limit or DEFAULT_MAX_IN_FLIGHT
-
-
-class GrpcServer:
-    """The running gRPC server; health follows service.ready until draining starts."""
-
-    def __init__(
-        self,
-        server: grpc.aio.Server,
-        health_servicer: health.aio.HealthServicer,
-        service: SegmentationService,
-        port: int,
-    ):
-        self.server = server
-        self.health = health_servicer
-        self.service = service
-        self.port = port
-        self.draining = False
-        self._poller: asyncio.Task | None = None
-
-    async def start(self) -> None:
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.server.start()
-        self._poller = asyncio.create_task(self._follow_readiness())
-
-    async def _set_health(self, status) -> None:
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, status)
-
-    async def _follow_readiness(self) -> None:
-        last = None
-        while not self.draining:
-            status = (
-                health_pb2.HealthCheckResponse.SERVING
-                if self.service.ready
-                else health_pb2.HealthCheckResponse.NOT_SERVING
-            )
-            if status != last:
-                await self._set_health(status)
-                last = status
-            await asyncio.sleep(HEALTH_POLL_SECONDS)
-
-    def health_not_serving(self) -> None:
-        """Draining: NOT_SERVING from now on (called from the SIGTERM path)."""
-        self.draining = True
-        if self._poller is not None:
-            self._poller.cancel()
-        asyncio.get_running_loop().create_task(self.health.enter_graceful_shutdown())
-
-    async def stop(self, grace: float | None = None) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-        await self.server.stop(grace)
-
-
-async def start_grpc_server(service: SegmentationService, settings: Settings) -> GrpcServer:
-    limit = message_limit(settings)
-    options = [
-        ("grpc.max_receive_message_length", limit),
-        ("grpc.max_send_message_length", limit),
-        ("grpc.keepalive_time_ms", 60_000),  # ping idle connections so dead peers free their streams
-        ("grpc.keepalive_timeout_ms", 20_000),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-    ]
-    server = grpc.aio.server(options=options)
-    pb_grpc.add_SegmentationServicer_to_server(SegmentationServicer(service, settings), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    host = f"[{settings.host}]" if ":" in settings.host and not settings.host.startswith("[") else settings.host
-    address = f"{host}:{settings.grpc_port}"  # IPv6 literals in brackets, as gRPC wants them
-    if settings.tls_cert:
-        credentials = grpc.ssl_server_credentials(
-            [(Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes())]
-        )
-        port = server.add_secure_port(address, credentials)
-    else:
-        port = server.add_insecure_port(address)
-    if not port:
-        raise RuntimeError(f"gRPC could not bind {address} (is the port free?)")
-    wrapper = GrpcServer(server, health_servicer, service, port)
-    await wrapper.start()
-    log.info("gRPC on %s%s", address, " (TLS)" if settings.tls_cert else "")
-    return wrapper

@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ServiceError
+from ..errors import ServiceError
 
 FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "TIFF", "MPO"}
 CONTENT_TYPES = {

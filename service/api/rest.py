@@ -11,9 +11,11 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import __version__, imaging
-from .core import SegmentationService, Served
-from .errors import ServiceError
+from .. import __version__
+from ..core import SegmentationService, Served
+from ..errors import ServiceError
+from . import imaging
+from .auth import api_key_from
 
 MULTIPART_OVERHEAD = 64 * 1024
 OUTPUT_MEDIA = {
@@ -94,14 +96,6 @@ async def image_bytes(request: Request, limit: int) -> bytes:
         f"content type {content_type or '(none)'!r} is not supported; send multipart/form-data with "
         f"an 'image' field, or a raw body of type {', '.join(sorted(imaging.CONTENT_TYPES))}",
     )
-
-
-def api_key_from(x_api_key: str | None, authorization: str | None) -> str | None:
-    if x_api_key:
-        return x_api_key
-    if authorization and authorization.lower().startswith("bearer "):
-        return authorization[7:].strip()
-    return None
 
 
 def timing_headers(served: Served, model: str) -> dict:

@@ -19,8 +19,8 @@ import grpc
 import numpy as np
 from PIL import Image
 
-from .proto import segmentation_pb2 as pb
-from .proto import segmentation_pb2_grpc as pb_grpc
+from ..proto import segmentation_pb2 as pb
+from ..proto import segmentation_pb2_grpc as pb_grpc
 
 FORMATS = {"png": pb.LABELS_PNG, "raw": pb.LABELS_RAW, "overlay": pb.OVERLAY_JPEG, "json": pb.STATS_ONLY}
 MAX_MESSAGE = 256 * 1024 * 1024

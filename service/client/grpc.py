@@ -22,10 +22,10 @@ import grpc
 import numpy as np
 from PIL import Image
 
-from .client import SegmentationError, SegmentResult, decode_labels_png
-from .errors import CODES
-from .proto import segmentation_pb2 as pb
-from .proto import segmentation_pb2_grpc as pb_grpc
+from ..errors import CODES
+from ..proto import segmentation_pb2 as pb
+from ..proto import segmentation_pb2_grpc as pb_grpc
+from .results import SegmentationError, SegmentResult, decode_labels_png
 
 FORMATS = {"png": pb.LABELS_PNG, "raw": pb.LABELS_RAW, "overlay": pb.OVERLAY_JPEG, "stats": pb.STATS_ONLY}
 POLICIES = {"latest": pb.DROP_POLICY_LATEST, "block": pb.DROP_POLICY_BLOCK}

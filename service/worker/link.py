@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import ServiceError
-from .ipc import Slot, SlotPool
-from .metrics import Metrics
+from ..errors import ServiceError
+from ..metrics import Metrics
+from .process import WorkerConfig, run_worker
 from .scheduler import Job
-from .worker import WorkerConfig, run_worker
+from .shm import Slot, SlotPool
 
 log = logging.getLogger("service.dispatcher")
 READY_TIMEOUT = 900.0  # model download + cuDNN autotune + graph capture on a cold GPU

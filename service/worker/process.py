@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .ipc import SlotMaps
 from .scheduler import BatchScheduler, Job
+from .shm import SlotMaps
 
 log = logging.getLogger("service.worker")
 STATS_INTERVAL = 1.0

@@ -16,7 +16,7 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
-from .errors import ServiceError
+from ..errors import ServiceError
 
 ALIGN = 64 * 1024
 _names = itertools.count()

@@ -1,0 +1,1 @@
+"""The training companion: data, augmentation, schedules, the training loop, evaluation and IoU."""

@@ -1,0 +1,1 @@
+"""Front doors: REST (FastAPI), gRPC (grpc.aio) and the image codecs they share."""
