@@ -1,4 +1,4 @@
-"""Model benchmark: `python -m model.bench` prints images/s and latency for R18 and R50.
+"""Model benchmark: `bisenet bench model` prints images/s and latency for R18 and R50.
 
 Every row times the same work, the on-device inference path the service runs: a uint8
 (N, H, W, 3) batch already on the device -> normalise -> network -> bilinear resize of the logits
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     args.max_seconds = args.max_seconds or (5.0 if cuda else 3.0)
     if cuda:
         torch.backends.cudnn.benchmark = True
-    command = "python -m model.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "bisenet bench model " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"# {device_name(device)}; torch {torch.__version__}; {args.height}x{args.width}; `{command.strip()}`")
     print(HEADER)
     print("|" + "---|" * 8)
@@ -388,7 +388,3 @@ def main(argv: list[str] | None = None) -> int:
         print("\n# label agreement with eager fp32 (random weights, BN calibrated on photos)")
         agreement(args.models, device)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

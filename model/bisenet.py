@@ -1,4 +1,4 @@
-"""BiSeNetV1 exactly as mmsegmentation builds it (reference/bisenetv1.md sections 1-2).
+"""BiSeNetV1 exactly as mmsegmentation builds it (docs/model.md: network, keys and forward pass).
 
 Module names mirror mmsegmentation so `state_dict()` keys are the official ones:
 `backbone.{context_path,spatial_path,ffm}.*`, `decode_head.*`, `auxiliary_head.{0,1}.*`.

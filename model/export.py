@@ -1,4 +1,4 @@
-"""ONNX export: `python -m model.export --model bisenetv1_r18 --output model.onnx`.
+"""ONNX export: `bisenet export --model bisenetv1_r18 --output model.onnx`.
 
 The graph is the network alone, with BatchNorm folded into the convolutions:
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -147,7 +146,3 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.width}) float32, output {args.outputs}"
     )
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

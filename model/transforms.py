@@ -1,4 +1,4 @@
-"""Test-time pre- and post-processing, exactly as mmsegmentation 1.x runs it (reference section 7).
+"""Test-time pre- and post-processing, exactly as mmsegmentation 1.x runs it (docs/model.md, "Test-time path").
 
 Everything works on torch tensors on any device, so the worker can keep the whole path
 (uint8 in -> uint8 labels out) on the GPU and inside one CUDA graph.

@@ -1,4 +1,4 @@
-"""`python -m service` / `bisenet-serve`: start the segmentation service."""
+"""`bisenet serve` (also `python -m service`, the Docker entry point): start the segmentation service."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         resolve_devices(settings.devices)  # a missing GPU stops start-up here, with a clear message
         weights = fetch_weights(settings)
     except (ConfigError, ServiceError, CheckpointError, ValueError, KeyError) as exc:
-        print(f"bisenet-serve: error: {exc}", file=sys.stderr)
+        print(f"bisenet serve: error: {exc}", file=sys.stderr)
         return 2
     from .server import serve
 

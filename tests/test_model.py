@@ -1,7 +1,7 @@
 """The network: mmsegmentation's state_dict layout, output shapes, test-time resize arithmetic.
 
-Expected keys, shapes and counts are the ones read off mmsegmentation 1.2.2 models
-(reference/bisenetv1.md section 1), written out here rather than derived from our code.
+Expected keys, shapes and counts are the ones read off mmsegmentation 1.2.2 models built on the CPU
+(the table in docs/model.md), written out here rather than derived from our code.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 
 from model import build_model, transforms
 
-# (key count, BN layer count, params with aux heads, params without) from the reference table.
+# (key count, BN layer count, params with aux heads, params without), as mmsegmentation 1.2.2 builds them.
 COUNTS = {"bisenetv1_r18": (222, 36, 13_425_721, 13_275_539), "bisenetv1_r50": (420, 69, 59_243_385, 56_873_299)}
 
 R18_SHAPES = {
@@ -154,7 +154,7 @@ def test_build_model_names():
 @pytest.mark.parametrize(
     "width,height,expected",
     [
-        (741, 500, (1518, 1024)),  # the reference's worked example: enlarged
+        (741, 500, (1518, 1024)),  # docs/model.md's worked example: enlarged
         (512, 512, (1024, 1024)),
         (2048, 1024, (2048, 1024)),  # a Cityscapes frame stays as it is
         (4096, 2048, (2048, 1024)),  # shrunk

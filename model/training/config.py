@@ -29,7 +29,7 @@ class TrainConfig:
     train_split: str = "train"
     val_split: str = "val"
     check_labels: bool = True  # read every label before the first step
-    # augmentation (reference section 3)
+    # augmentation (docs/model.md, "Training recipe")
     crop: tuple[int, int] = (1024, 1024)  # height, width
     scale: tuple[int, int] = (2048, 1024)  # RandomResize scale (long, short edge)
     ratio_range: tuple[float, float] = (0.5, 2.0)
@@ -232,3 +232,23 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.arch and args.arch != PRESETS[args.preset].arch and args.backbone_weights is None:
         cfg.backbone_weights = TORCHVISION_RESNET[cfg.arch] if PRESETS[args.preset].backbone_weights else None
     return cfg
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    checks = [
+        (cfg.iters > 0, f"--iters must be positive, got {cfg.iters}"),
+        # BiSeNet's global-pool branches end in BatchNorm over 1x1 maps (plain BN in ContextPath
+        # even in mmseg), which cannot normalise a single value per channel.
+        (
+            cfg.batch_size >= 2,
+            f"--batch-size must be at least 2 per process (BN after global pooling), got {cfg.batch_size}",
+        ),
+        (cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
+        (cfg.val_interval >= 0 and cfg.ckpt_interval > 0 and cfg.log_interval > 0, "intervals must be positive"),
+        (cfg.workers >= 0, "--workers must be 0 or more"),
+        (cfg.amp in ("none", "bf16", "fp16"), f"--amp must be none, bf16 or fp16, got {cfg.amp}"),
+        (0 < cfg.cat_max_ratio <= 1, "--cat-max-ratio must be in (0, 1]"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)

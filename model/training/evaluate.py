@@ -1,6 +1,6 @@
 """mIoU of a checkpoint on a dataset: single scale and multi-scale + flip, as mmsegmentation.
 
-Single scale is the test pipeline of reference section 7 (model/transforms.py): resize to
+Single scale is the test pipeline of docs/model.md ("Test-time path") (model/transforms.py): resize to
 `test_size` (2048x1024 scale), normalise, network, logits resized bilinearly to the network input
 and then to the original size, argmax.
 Multi-scale + flip is SegTTAModel with the Cityscapes tta_pipeline: the image is rescaled by each
@@ -8,8 +8,8 @@ ratio (0.5 ... 1.75, keep_ratio, relative to its own size) with and without a ho
 each pass's logits are resized to its input, un-flipped, resized to the original size and turned
 into probabilities; the softmax averages are argmaxed.
 
-    python -m model.evaluate work_dirs/x/latest.pth --data data/cityscapes [--aug-test]
-    python -m model.evaluate bisenetv1_r18_4x4_in1k --data data/cityscapes   # a zoo checkpoint
+    bisenet evaluate work_dirs/x/latest.pth --data data/cityscapes [--aug-test]
+    bisenet evaluate bisenetv1_r18_4x4_in1k --data data/cityscapes   # a zoo checkpoint
 Under torchrun the images are split over the processes.
 """
 
@@ -194,7 +194,3 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.json_out, "w") as fh:
                 json.dump(_nan_to_none(record), fh, indent=1)  # strict JSON: NaN becomes null
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,10 @@
-"""Train BiSeNetV1 with mmsegmentation's Cityscapes recipe (reference section 3).
+"""Train BiSeNetV1 with mmsegmentation's Cityscapes recipe (docs/model.md, "Training recipe").
 
-    python -m model.train --preset bisenetv1_r18_cityscapes --data data/cityscapes
-    torchrun --nproc_per_node 4 -m model.train --preset bisenetv1_r18_cityscapes --data data/cityscapes
-    python -m model.train --help      # every setting, and the presets
+    bisenet train --preset bisenetv1_r18_cityscapes --data data/cityscapes
+    torchrun --nproc-per-node 4 --no-python bisenet train --preset bisenetv1_r18_cityscapes --data data/cityscapes
+    bisenet train --help      # every setting, and the presets
+
+The step (losses, normalisation, SyncBN placement) is in step.py, the logs in logs.py.
 
 Checkpoints (mmseg layout, `iter_N.pth` + `latest.pth`), `train.log`, `scalars.jsonl` and, when
 TensorBoard is installed, `tensorboard/` land in the work dir. `--resume` continues a run exactly:
@@ -13,8 +15,6 @@ checkpoint holds the optimizer, loss-scale and schedule state.
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
 import sys
 import time
 from collections import defaultdict
@@ -23,16 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from ..bisenet import build_model
 from ..checkpoint import CheckpointError
-from ..transforms import mean_std
 from .augment import PhotoMetricDistortion, TrainTransform
-from .config import TrainConfig, build_parser, config_from_args
-from .data import IGNORE_INDEX, DatasetError, DatasetInfo, IterationSampler, TrainDataset, check_dataset, open_dataset
+from .config import TrainConfig, build_parser, config_from_args, validate_config
+from .data import DatasetError, DatasetInfo, IterationSampler, TrainDataset, check_dataset, open_dataset
 from .distributed import (
     DistEnv,
     broadcast_buffers,
@@ -44,6 +42,7 @@ from .distributed import (
 )
 from .evaluate import evaluate
 from .iou import format_table
+from .logs import Recorder, log, setup_logging
 from .schedule import PolyWarmupSchedule
 from .snapshots import (
     build_meta,
@@ -55,115 +54,11 @@ from .snapshots import (
     load_training_checkpoint,
     save_training_checkpoint,
 )
-
-log = logging.getLogger("model.train")
-LOSS_NAMES = ("decode.loss_ce", "aux_0.loss_ce", "aux_1.loss_ce")
+from .step import LOSS_NAMES, apply_sync_bn, iteration_seed, normalise_batch, segmentation_losses
 
 
 class StopTraining(Exception):
     """Raised by an `on_iteration` callback to end a run early (tests simulate interruptions)."""
-
-
-# -- pieces of the step ------------------------------------------------------------------------
-def segmentation_losses(outputs, label: torch.Tensor, aux_weight: float = 1.0) -> dict[str, torch.Tensor]:
-    """mmseg's CrossEntropyLoss per head: logits upsampled bilinearly to the label size, ignore 255,
-    and the mean over ALL label pixels (avg_non_ignore=False: ignored pixels count as zero loss)."""
-    losses = {}
-    for name, logits, weight in zip(LOSS_NAMES, outputs, (1.0, aux_weight, aux_weight)):
-        logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
-        per_pixel = F.cross_entropy(logits, label, ignore_index=IGNORE_INDEX, reduction="none")
-        losses[name] = per_pixel.mean() * weight
-    return losses
-
-
-def normalise_batch(images: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, H, W) RGB -> normalised float; the padding becomes 0 as mmseg pads after normalising."""
-    mean, std = mean_std(images.device)
-    x = (images.float() - mean) / std
-    for i, (h, w) in enumerate(valid.tolist()):
-        x[i, :, h:, :] = 0
-        x[i, :, :, w:] = 0
-    return x
-
-
-def iteration_seed(seed: int, iteration: int, rank: int) -> int:
-    return int(np.random.SeedSequence([seed, iteration, rank]).generate_state(1)[0])
-
-
-def apply_sync_bn(net: nn.Module) -> None:
-    """SyncBN where mmseg uses it: the ResNet and the heads. ContextPath/SpatialPath/FFM are built
-    without norm_cfg in mmseg and keep plain BN (reference section 3, "Norm layers")."""
-    cp = net.backbone.context_path
-    cp.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(cp.backbone)
-    net.decode_head = nn.SyncBatchNorm.convert_sync_batchnorm(net.decode_head)
-    if net.auxiliary_head is not None:
-        net.auxiliary_head = nn.SyncBatchNorm.convert_sync_batchnorm(net.auxiliary_head)
-
-
-def validate_config(cfg: TrainConfig) -> None:
-    checks = [
-        (cfg.iters > 0, f"--iters must be positive, got {cfg.iters}"),
-        # BiSeNet's global-pool branches end in BatchNorm over 1x1 maps (plain BN in ContextPath
-        # even in mmseg), which cannot normalise a single value per channel.
-        (
-            cfg.batch_size >= 2,
-            f"--batch-size must be at least 2 per process (BN after global pooling), got {cfg.batch_size}",
-        ),
-        (cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
-        (cfg.val_interval >= 0 and cfg.ckpt_interval > 0 and cfg.log_interval > 0, "intervals must be positive"),
-        (cfg.workers >= 0, "--workers must be 0 or more"),
-        (cfg.amp in ("none", "bf16", "fp16"), f"--amp must be none, bf16 or fp16, got {cfg.amp}"),
-        (0 < cfg.cat_max_ratio <= 1, "--cat-max-ratio must be in (0, 1]"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-
-
-# -- logging -----------------------------------------------------------------------------------
-def setup_logging(work_dir: Path, is_main: bool) -> None:
-    log.setLevel(logging.INFO if is_main else logging.WARNING)
-    log.propagate = False
-    for handler in list(log.handlers):
-        log.removeHandler(handler)
-        handler.close()
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%m/%d %H:%M:%S")
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
-    if is_main:
-        handlers.append(logging.FileHandler(work_dir / "train.log"))
-    for handler in handlers:
-        handler.setFormatter(fmt)
-        log.addHandler(handler)
-
-
-class Recorder:
-    """scalars.jsonl always; TensorBoard too when installed and wanted (rank 0 only)."""
-
-    def __init__(self, work_dir: Path, enabled: bool, tensorboard: bool):
-        self.enabled = enabled
-        self.path = work_dir / "scalars.jsonl"
-        self.writer = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                log.info("TensorBoard is not installed (pip install -e '.[train]'); logging to scalars.jsonl only")
-            else:
-                self.writer = SummaryWriter(str(work_dir / "tensorboard"))
-
-    def write(self, group: str, iteration: int, values: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps({"mode": group, "iter": iteration, **values}) + "\n")
-        if self.writer is not None:
-            for key, value in values.items():
-                if isinstance(value, int | float):
-                    self.writer.add_scalar(f"{group}/{key}", value, iteration)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -528,7 +423,3 @@ def main(argv: list[str] | None = None) -> int:
     if path is not None:
         print(f"final checkpoint: {path}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
