@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import io
 import os
 import pathlib
 import shutil
+import sys
 import threading
 from collections import OrderedDict
 
@@ -240,6 +242,24 @@ def test_download_once_then_cached(server, cache, r18_checkpoint):
     assert (cache / name).read_bytes() == pathlib.Path(r18_checkpoint).read_bytes()
     state, _ = read_state_dict(r18_checkpoint)
     assert same_weights(net, state)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_download_logs_and_shows_progress_on_a_terminal(server, cache, r18_checkpoint, monkeypatch, caplog):
+    name = publish(r18_checkpoint, server.root)
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with caplog.at_level("INFO", logger="model.checkpoint"):
+        download(f"{server.url}/{name}")
+    size_mb = pathlib.Path(r18_checkpoint).stat().st_size / 2**20
+    assert f"downloading {name} ({size_mb:.0f} MB) from {server.url}/{name}" in caplog.text
+    assert f"saved {cache / name}" in caplog.text
+    bar = terminal.getvalue()
+    assert name in bar and "100%" in bar  # tqdm's bar, sized from Content-Length
 
 
 def test_hash_mismatch_leaves_nothing(server, cache, r18_checkpoint):

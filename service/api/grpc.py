@@ -1,5 +1,5 @@
-"""gRPC front door (grpc.aio, on the same event loop as FastAPI): Segment, StreamSegment, ListModels,
-plus grpc.health.v1 and server reflection.
+"""gRPC front door (grpc.aio, on the same event loop as FastAPI): Segment, StreamSegment and ListModels;
+the server around them (health, reflection, TLS, limits) is grpc_server.py.
 
 Shares everything with REST through SegmentationService: admission, limits, the worker link and
 metrics. Metrics use protocol="grpc" for unary calls and "grpc_stream" for stream frames; the
