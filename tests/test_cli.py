@@ -14,7 +14,7 @@ from model import Segmenter
 from service.api.imaging import decode_image
 from service.cli import BENCHES, COMMANDS
 from service.cli import main as bisenet
-from tests.servicekit import BISENET
+from tests.servicekit import BISENET, FAST_ARGS, Service
 
 
 def test_help_lists_every_subcommand():
@@ -105,3 +105,37 @@ def test_models_lists_the_zoo(capsys, tmp_path, monkeypatch):
     assert len(lines) == 6
     r18 = next(line for line in lines if line.startswith("bisenetv1_r18_4x8_in1k "))
     assert "75.16" in r18 and "77.24" in r18 and "bisenetv1_r18 (fast)" in r18 and r18.endswith(" no")
+
+
+@pytest.fixture(scope="module")
+def service(varied_r18_checkpoint):
+    svc = Service([*FAST_ARGS, "--grpc-port", "0", "--model", f"mine={varied_r18_checkpoint}", "--api-key", "k"])
+    try:
+        yield svc.wait_ready()
+    finally:
+        svc.stop()
+
+
+def test_segment_through_a_service_equals_in_process(service, varied_r18_checkpoint, photo, tmp_path, capsys):
+    """`--url` sends the bytes to the service; the same command in this process, at the service's
+    resize scale, writes the same label PNG (and both print the same class statistics)."""
+    image = tmp_path / "photo.jpg"
+    image.write_bytes(_jpeg(np.asarray(Image.fromarray(photo).resize((120, 90)))))
+    remote, local = tmp_path / "remote.png", tmp_path / "local.png"
+    assert bisenet(["segment", str(image), "--url", service.url, "--api-key", "k", "-o", str(remote), "--json"]) == 0
+    remote_stats = json.loads(capsys.readouterr().out)
+    argv = ["segment", str(image), "--model", f"mine={varied_r18_checkpoint}", "--resize-scale", "256x128"]
+    assert bisenet([*argv, "-o", str(local), "--json"]) == 0
+    local_stats = json.loads(capsys.readouterr().out)
+    assert remote.read_bytes() == local.read_bytes()
+    assert remote_stats == local_stats and remote_stats["model"] == "mine"
+    assert bisenet(["segment", str(image), "--url", service.url, "--api-key", "wrong"]) == 1
+    assert "401 unauthorized" in capsys.readouterr().err
+
+
+def test_models_of_a_service(service, capsys):
+    assert bisenet(["models", "--url", service.url, "--api-key", "k"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert listing["default"] == "mine" and [m["name"] for m in listing["models"]] == ["mine"]
+    assert bisenet(["models", "--url", "http://127.0.0.1:9"]) == 1  # nothing listens on the discard port
+    assert "bisenet models: error:" in capsys.readouterr().err

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..api import imaging
 from ..client import SegmentationClient, SegmentationError
-from ..config import ALIASES, ConfigError, parse_models
+from ..config import ALIASES, ConfigError, parse_models, parse_shape
 from ..errors import ServiceError
 
 URL_HELP = "a running service (default: BISENET_URL; without it the model runs in this process)"
@@ -39,37 +39,34 @@ def summary(image: str, model: str, labels: np.ndarray, classes) -> str:
 
 
 class LocalSegmenter:
-    """The service's decode and the model in this process (same labels as the service gives)."""
+    """The model in this process, after the service's own decode (so the labels are the service's)."""
 
-    def __init__(self, model: str | None, device: str, dtype: str | None):
+    def __init__(self, model: str | None, device: str, dtype: str | None, resize_scale: str):
         from model import Segmenter
 
         (spec,) = parse_models([model or "bisenetv1_r18"])
-        self.name = spec.name
-        self.segmenter = Segmenter(spec.name, weights=spec.weights, device=device, dtype=dtype)
+        scale = parse_shape(resize_scale)
+        self.segmenter = Segmenter(spec.name, weights=spec.weights, device=device, dtype=dtype, scale=scale)
 
-    def run(self, path: str) -> tuple[np.ndarray, np.ndarray, tuple, tuple]:
-        rgb = imaging.decode_image(Path(path).read_bytes(), max_pixels=1 << 31)
-        return rgb, self.segmenter.predict(rgb), self.segmenter.classes, self.segmenter.palette
+    def run(self, image: bytes) -> tuple[str, np.ndarray, np.ndarray, tuple, tuple]:
+        """(model, RGB image, labels, class names, palette)."""
+        rgb = imaging.decode_image(image, max_pixels=1 << 31)
+        seg = self.segmenter
+        return seg.name, rgb, seg.predict(rgb), seg.classes, seg.palette
 
 
 class RemoteSegmenter:
-    """The same through `POST /segment` (json format: labels, classes and the model that ran)."""
+    """The same through `POST /segment`; class names and palettes from `GET /models`."""
 
     def __init__(self, url: str, api_key: str | None, model: str | None):
         self.client = SegmentationClient(url, api_key=api_key)
         self.model = model
-        self.palettes = {m["name"]: m["palette"] for m in self.client.models()["models"]}
-        self.name = ""
+        self.served = {m["name"]: m for m in self.client.models()["models"]}
 
-    def run(self, path: str) -> tuple[np.ndarray, np.ndarray, tuple, tuple]:
-        result = self.client.segment(path, model=self.model, format="json")
-        self.name = result.model
-        classes = [""] * (int(result.labels.max()) + 1)
-        for c in result.stats["classes"]:
-            classes[c["id"]] = c["name"]
-        rgb = imaging.decode_image(Path(path).read_bytes(), max_pixels=1 << 31)
-        return rgb, result.labels, tuple(classes), self.palettes[result.model]
+    def run(self, image: bytes) -> tuple[str, np.ndarray | None, np.ndarray, tuple, tuple]:
+        result = self.client.segment(image, model=self.model, format="png")
+        info = self.served[result.model]
+        return result.model, None, result.labels, tuple(info["classes"]), tuple(info["palette"])
 
 
 def segment_main(argv: list[str] | None = None) -> int:
@@ -83,6 +80,7 @@ def segment_main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--device", default="cpu", help="in this process: cpu, cuda, cuda:N")
     p.add_argument("--dtype", default=None, help="in this process: float32, float16, bfloat16")
+    p.add_argument("--resize-scale", default="2048x1024", help="in this process: as `bisenet serve --resize-scale`")
     p.add_argument("-o", "--output", help="label PNG (a folder when several images)")
     p.add_argument("--overlay", help="overlay JPEG (a folder when several images)")
     p.add_argument("--json", action="store_true", help="print per-class statistics as JSON, one line per image")
@@ -92,18 +90,20 @@ def segment_main(argv: list[str] | None = None) -> int:
         if args.url:
             runner = RemoteSegmenter(args.url, args.api_key, args.model)
         else:
-            runner = LocalSegmenter(args.model, args.device, args.dtype)
+            runner = LocalSegmenter(args.model, args.device, args.dtype, args.resize_scale)
         for image in args.images:
-            rgb, labels, classes, palette = runner.run(image)
+            data = Path(image).read_bytes()
+            model, rgb, labels, classes, palette = runner.run(data)
             if path := output_path(args.output, image, many, ".png"):
                 path.write_bytes(imaging.encode_png(labels, palette))
             if path := output_path(args.overlay, image, many, ".jpg"):
+                rgb = rgb if rgb is not None else imaging.decode_image(data, max_pixels=1 << 31)
                 path.write_bytes(imaging.encode_overlay(rgb, labels, palette))
             if args.json:
-                stats = {"image": image, "model": runner.name, "height": labels.shape[0], "width": labels.shape[1]}
+                stats = {"image": image, "model": model, "height": labels.shape[0], "width": labels.shape[1]}
                 print(json.dumps({**stats, "classes": imaging.class_stats(labels, classes)}))
             else:
-                print(summary(image, runner.name, labels, classes))
+                print(summary(image, model, labels, classes))
     except (SegmentationError, ServiceError, ConfigError, OSError, ValueError) as exc:
         print(f"bisenet segment: error: {exc}", file=sys.stderr)
         return 1
