@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -15,11 +16,12 @@ from model.training import cityscapes, data
 from model.training.augment import (
     PhotoMetricDistortion,
     TrainTransform,
-    hsv_to_rgb_u8,
-    nearest_indices,
+    hsv_to_rgb,
     random_crop_bbox,
-    resize_window_bilinear,
-    rgb_to_hsv_u8,
+    random_resize_size,
+    resize_image,
+    resize_label,
+    rgb_to_hsv,
 )
 from model.training.cityscapes import label_ids_to_train_ids
 from model.training.data import DatasetError, IterationSampler, check_dataset, open_dataset
@@ -157,8 +159,9 @@ def test_palette_length_mismatch_and_bad_class_files(tmp_path):
 
 
 # -- augmentation ------------------------------------------------------------------------------
-# Reference outputs of OpenCV 5.0 (cv2.resize INTER_LINEAR / INTER_NEAREST, cv2.cvtColor), which
-# mmcv uses; our numpy versions reproduce them bit for bit.
+# Outputs of OpenCV (cv2.resize INTER_LINEAR / INTER_NEAREST, cv2.cvtColor; the same in 4.x and
+# 5.0), which mmcv calls and which the augmentation now calls too: these pin that it is OpenCV's
+# fixed-point arithmetic, not another bilinear resize or HSV formula, that runs.
 # fmt: off
 IMG_5x7 = [[[139, 74, 229], [241, 169, 65], [6, 160, 149], [106, 38, 175], [188, 205, 175], [229, 98, 249], [10, 148, 95]],
            [[86, 147, 198], [66, 39, 106], [213, 171, 45], [167, 57, 69], [81, 55, 14], [153, 178, 215], [76, 52, 39]],
@@ -179,27 +182,49 @@ CV2_HSV2RGB = ([[[1, 153, 25], [3, 187, 75], [1, 25, 153], [90, 255, 255], [179,
 # fmt: on
 
 
-def test_resize_matches_opencv():
+def test_resize_is_opencvs():
     img = np.array(IMG_5x7, np.uint8)
-    assert resize_window_bilinear(img, (3, 4), (0, 3, 0, 4)).tolist() == CV2_DOWN_3x4
-    up = resize_window_bilinear(img, (8, 11), (0, 8, 0, 11))
-    assert up[[0, 7]].tolist() == CV2_UP_ROWS_0_AND_7
-    # a window equals the same window of the full resize, and is within 1 of torch's bilinear
-    window = resize_window_bilinear(img, (8, 11), (2, 6, 3, 9))
-    assert (window == up[2:6, 3:9]).all()
+    assert resize_image(img, (3, 4)).tolist() == CV2_DOWN_3x4
+    up = resize_image(img, (8, 11))
+    assert up.shape == (8, 11, 3) and up[[0, 7]].tolist() == CV2_UP_ROWS_0_AND_7
+    # within 1 of torch's bilinear (same sampling positions, integer rounding)
     ref = F.interpolate(torch.from_numpy(img).permute(2, 0, 1)[None].float(), size=(8, 11), mode="bilinear")
     assert (ref[0].permute(1, 2, 0).numpy() - up).__abs__().max() <= 1
-    assert nearest_indices(300, 390)[[39, 65, 78, 117]].tolist() == [29, 49, 59, 89]  # cv2, not floor(x * 300/390)
+    # nearest for labels: OpenCV's floor(dst * (1 / (out / in))), not floor(dst * in / out)
+    row = (np.arange(300) % 256).astype(np.uint8)[None]
+    assert resize_label(row, (1, 390))[0, [39, 65, 78, 117]].tolist() == [29, 49, 59, 89]
 
 
-def test_hsv_matches_opencv():
+def test_hsv_is_opencvs_and_rgb_equals_mmsegs_bgr():
     rgb, hsv = (np.array(a, np.uint8) for a in CV2_RGB2HSV)
-    assert (rgb_to_hsv_u8(rgb) == hsv).all()
+    assert (rgb_to_hsv(rgb) == hsv).all()
     hsv, rgb = (np.array(a, np.uint8) for a in CV2_HSV2RGB)
-    assert (hsv_to_rgb_u8(hsv) == rgb).all()  # a 6-pixel row: OpenCV's scalar code, which rounds
-    # 32-pixel groups go through OpenCV's vector kernel, which truncates; the 33rd pixel is scalar
-    row = hsv_to_rgb_u8(np.tile(np.array([37, 163, 130], np.uint8), (1, 33, 1)))
-    assert row[0, :32].tolist() == [[110, 130, 46]] * 32 and row[0, 32].tolist() == [111, 130, 47]
+    assert (hsv_to_rgb(hsv) == rgb).all()
+    # mmseg converts BGR images (COLOR_BGR2HSV / HSV2BGR); on RGB the same HSV and the same pixels
+    # come out, on row widths that take OpenCV's vector kernels and its scalar tail alike
+    rng = np.random.default_rng(0)
+    for width in (6, 33, 1024):
+        image = rng.integers(0, 256, (4, width, 3), dtype=np.uint8)
+        hsv = rgb_to_hsv(image)
+        assert (hsv == cv2.cvtColor(image[..., ::-1].copy(), cv2.COLOR_BGR2HSV)).all()
+        hsv[..., 0] = rng.integers(0, 180, hsv.shape[:2])
+        assert (hsv_to_rgb(hsv) == cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[..., ::-1]).all()
+
+
+def test_train_transform_is_resize_of_the_whole_image_then_crop():
+    """mmseg's order: resize image (INTER_LINEAR) and label (INTER_NEAREST), crop both alike."""
+    image, ids = scene(2)
+    label = label_ids_to_train_ids(ids)
+    t = TrainTransform(crop=(48, 80), scale=(160, 80), photometric=None, flip_prob=0.0)
+    for seed in range(6):
+        img, lab, (h, w) = t(image, label, np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)
+        size = random_resize_size(*label.shape, t.scale, t.ratio_range, rng)
+        big_label = cv2.resize(label, size[::-1], interpolation=cv2.INTER_NEAREST)
+        y0, y1, x0, x1 = random_crop_bbox(big_label, t.crop, t.cat_max_ratio, rng)
+        big_image = cv2.resize(image, size[::-1], interpolation=cv2.INTER_LINEAR)
+        assert (h, w) == (y1 - y0, x1 - x0)
+        assert (img[:h, :w] == big_image[y0:y1, x0:x1]).all() and (lab[:h, :w] == big_label[y0:y1, x0:x1]).all()
 
 
 def test_photometric_distortion_is_seeded_and_changes_colours():

@@ -1,26 +1,45 @@
-"""Parity with a real mmsegmentation 1.x, when one is installed beside the project (`make parity`
-builds such a venv; the default test venv has none, so these skip).
+"""Parity with a real mmsegmentation 1.x: `make test` runs this file in .venv-parity/ (mmseg 1.2.2,
+built by the Makefile) with BISENET_REQUIRE_MMSEG=1, where a missing mmseg is a failure; in a venv
+without mmseg the mmseg checks skip. The OpenCV check of the test-time resize runs everywhere.
 
-The checks live in tools/parity_mmseg.py; this runs them with pytest's reporting.
+The checks live in tools/parity_mmseg.py (its THRESHOLDS say what was measured); this runs them
+with pytest's reporting:
+- decode logits on the same input: our network as built equals mmseg's bit for bit, the BN-folded
+  engine that Segmenter runs within a small measured relative error;
+- labels of `Segmenter.predict` against `mmseg.apis.inference_model` on a 2048x1024 frame and on
+  photos that both sides resize, per architecture.
 """
 
 from __future__ import annotations
+
+import importlib
+import os
 
 import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("mmseg")
-pytest.importorskip("mmengine")
-cv2 = pytest.importorskip("cv2")
+from model import Segmenter, build_model, load_checkpoint
+from model.transforms import resize_uint8
 
-from model import Segmenter, build_model, load_checkpoint  # noqa: E402
-from model.transforms import resize_uint8  # noqa: E402
-from tests.conftest import load_parity_tool  # noqa: E402
+
+def require(module: str):
+    """Import `module`; skip without it, or fail when BISENET_REQUIRE_MMSEG is set (`make test`)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        if os.environ.get("BISENET_REQUIRE_MMSEG", "") not in ("", "0"):
+            pytest.fail(f"BISENET_REQUIRE_MMSEG is set but {module} cannot be imported: {exc}", pytrace=False)
+        pytest.skip(f"{module} is not installed (`make test-parity` runs this in .venv-parity)")
 
 
 @pytest.fixture(scope="module")
 def parity():
+    require("mmseg")
+    require("mmengine")
+    # `conftest`, not `tests.conftest`: mmsegmentation's wheel installs a top-level `tests` package
+    from conftest import load_parity_tool
+
     return load_parity_tool()
 
 
@@ -40,6 +59,9 @@ def models(request, parity, tmp_path_factory):
 
 
 def test_resize_is_bit_exact_with_opencv():
+    """mmseg's test pipeline resizes with cv2.resize(INTER_LINEAR) on uint8 (mmcv.imrescale);
+    model.transforms.resize_uint8 reproduces its fixed-point arithmetic."""
+    cv2 = require("cv2")
     rng = np.random.default_rng(0)
     for _ in range(50):
         h, w, new_h, new_w = (int(v) for v in rng.integers(1, 700, 4))
@@ -52,14 +74,14 @@ def test_decode_logits(parity, models, images):
     arch, mm_model, net, segmenter = models
     for image in (images["coffee"], images["chelsea"][:95, :27]):
         row = parity.logits_error(arch, mm_model, net, segmenter.engine, image)
-        assert row["rel_err"] <= parity.THRESHOLDS["logits_rel"], row
-        assert row["folded_rel_err"] <= parity.THRESHOLDS["logits_rel"], row
+        assert row["max_abs_diff"] == 0, row  # our network as built: bit-identical to mmseg's
+        assert parity.logits_ok(row), row  # and the BN-folded engine within its measured tolerance
 
 
 def test_labels_of_inference_model(parity, models, images):
     _, mm_model, _, segmenter = models
-    for row in parity.label_agreement(mm_model, segmenter, images):
-        frame = row["image"].startswith("frame")
-        need = parity.THRESHOLDS["frame_agree" if frame else "photo_agree"]
-        assert row["agreement"] >= need, row
+    rows = parity.label_agreement(mm_model, segmenter, images)
+    assert any(row["image"] == "frame_2048x1024" for row in rows)
+    for row in rows:
+        assert row["agreement"] >= parity.agreement_needed(row["image"]) >= 0.9999, row
         assert row["classes_present"] >= 3, row  # varied labels: the comparison means something

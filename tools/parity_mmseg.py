@@ -1,7 +1,8 @@
 """Parity and speed of bisenet-serve against a real mmsegmentation 1.x installed beside it.
 
 Run in a venv that has mmsegmentation==1.2.2, mmengine, mmcv-lite<2.2 and this project
-(`make parity` builds one):
+(`make parity` builds one, .venv-parity/, and runs this in it; `make test` runs the same checks as
+tests/test_mmseg_parity.py there):
 
     python tools/parity_mmseg.py [--archs r18 r50] [--speed-iters 5] [--no-speed] [--json out.json]
 
@@ -10,12 +11,13 @@ BatchNorm statistics, since the official files cannot be fetched everywhere:
   1. saves `{'meta', 'state_dict'}` checkpoints made by our `build_model`;
   2. builds mmsegmentation's own model from the config files its wheel ships and loads them with
      `mmseg.apis.init_model` (mmengine's loader, not ours);
-  3. compares decode-head logits on the same normalised input (relative error = max |diff| /
-     max |mmseg|), and labels of `mmseg.apis.inference_model` against `Segmenter.predict` on a
+  3. compares decode-head logits on the same normalised input (our network as built must equal
+     mmseg's bit for bit; the BN-folded engine within a relative error = max |diff| / max |mmseg|),
+     and labels of `mmseg.apis.inference_model` against `Segmenter.predict` on a
      2048x1024 frame and on photos of other sizes (which both sides resize);
   4. times `Segmenter.predict` against `inference_model` with R18 on the 2048x1024 frame,
      interleaved in one process.
-Exits non-zero when a threshold of issue 2 is missed.
+Exits non-zero when a check misses its threshold (THRESHOLDS below).
 """
 
 from __future__ import annotations
@@ -33,7 +35,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-THRESHOLDS = {"logits_rel": 1e-4, "frame_agree": 0.999, "photo_agree": 0.99, "speedup": 1.10}
+# What is required, from what was measured (BENCHMARKS.md, "Parity with mmsegmentation 1.2.2"):
+# - logits_abs: our network as built against mmseg's, on the same input: bit-identical (measured 0);
+# - folded_logits_rel: the BN-folded engine that Segmenter runs, max |diff| / max |mmseg| (measured
+#   9.1e-06 R18, 8.6e-05 R50: fp32 rounding of the folded weights, not a model difference);
+# - frame_agree / photo_agree: share of equal labels, Segmenter.predict against inference_model
+#   (measured >= 99.9973 % on the 2048x1024 frame, >= 99.9950 % on the photos);
+# - speedup: Segmenter.predict against inference_model on the CPU (measured 1.43-1.48x).
+THRESHOLDS = {
+    "logits_abs": 0.0,
+    "folded_logits_rel": {"r18": 2e-5, "r50": 1e-4},
+    "frame_agree": 0.99995,
+    "photo_agree": 0.9999,
+    "speedup": 1.10,
+}
 CONFIGS = {
     "r18": "bisenetv1/bisenetv1_r18-d32_4xb4-160k_cityscapes-1024x1024.py",
     "r50": "bisenetv1/bisenetv1_r50-d32_4xb4-160k_cityscapes-1024x1024.py",
@@ -157,6 +172,17 @@ def logits_error(arch: str, mm_model, net, engine, image: np.ndarray) -> dict:
     }
 
 
+def logits_ok(row: dict) -> bool:
+    return (
+        row["max_abs_diff"] <= THRESHOLDS["logits_abs"]
+        and row["folded_rel_err"] <= THRESHOLDS["folded_logits_rel"][row["arch"]]
+    )
+
+
+def agreement_needed(image_name: str) -> float:
+    return THRESHOLDS["frame_agree" if image_name.startswith("frame") else "photo_agree"]
+
+
 def mmseg_labels(mm_model, image_rgb: np.ndarray) -> np.ndarray:
     from mmseg.apis import inference_model
 
@@ -246,20 +272,21 @@ def run(archs: list[str], speed_iters: int, workdir: Path, speed_only: bool = Fa
         segmenter = Segmenter(f"bisenetv1_{arch}", weights=str(ckpt))
         for image in () if speed_only else (images["coffee"], images["chelsea"][:95, :27]):  # 400x600 and an odd 95x27
             row = logits_error(arch, mm_model, net, segmenter.engine, image)
-            row["ok"] = max(row["rel_err"], row["folded_rel_err"]) <= THRESHOLDS["logits_rel"]
+            row["ok"] = logits_ok(row)
             report["logits"].append(row)
             print(
                 f"[logits] {arch} input {row['input']} -> {row['shape']}: max|ref| {row['max_abs_ref']:.3g}, "
-                f"relative error {row['rel_err']:.2e} (BN-folded engine {row['folded_rel_err']:.2e}) "
+                f"max|diff| {row['max_abs_diff']:.3g} (need 0), BN-folded engine relative error "
+                f"{row['folded_rel_err']:.2e} (need <= {THRESHOLDS['folded_logits_rel'][arch]:.0e}) "
                 f"{'ok' if row['ok'] else 'FAIL'}"
             )
         rows = [] if speed_only else label_agreement(mm_model, segmenter, images)
         for row in rows:
-            need = THRESHOLDS["frame_agree"] if row["image"].startswith("frame") else THRESHOLDS["photo_agree"]
+            need = agreement_needed(row["image"])
             row["ok"] = row["agreement"] >= need
             print(
                 f"[labels] {arch} {row['image']} {row['size']}: {100 * row['agreement']:.4f}% equal "
-                f"(need {100 * need:.1f}%), {row['classes_present']} classes, largest "
+                f"(need {100 * need:.3f}%), {row['classes_present']} classes, largest "
                 f"{100 * row['largest_class_share']:.1f}% {'ok' if row['ok'] else 'FAIL'}"
             )
         report["labels"][arch] = rows

@@ -1,12 +1,15 @@
-"""The training augmentation of mmsegmentation's Cityscapes recipe (reference section 3), in numpy.
+"""The training augmentation of mmsegmentation's Cityscapes recipe, with OpenCV as mmseg calls it.
 
 RandomResize(scale=(2048, 1024), ratio_range=(0.5, 2.0), keep_ratio=True) -> RandomCrop(crop,
-cat_max_ratio=0.75) -> RandomFlip(0.5) -> PhotoMetricDistortion -> pad to the crop.
+cat_max_ratio=0.75) -> RandomFlip(0.5) -> PhotoMetricDistortion -> pad to the crop
+(mmsegmentation's configs/_base_/datasets/cityscapes_1024x1024.py and
+mmseg/datasets/transforms/transforms.py in the open-mmlab/mmsegmentation repository).
 
-mmseg resizes the whole image with OpenCV and then crops; here the label is resized first (nearest
-is cheap), the crop is chosen on it, and only the cropped window of the image is interpolated, with
-the same bilinear (half-pixel centres, no antialias) sampling positions, so the pixels are those of
-resize-then-crop at a fraction of the cost. Random draws come from a per-sample numpy Generator.
+As in mmseg, the whole image is resized with cv2.resize (INTER_LINEAR; the label INTER_NEAREST,
+what mmcv.imrescale calls) and then cropped, and the HSV steps use cv2.cvtColor (mmcv.bgr2hsv /
+hsv2bgr). mmseg works on BGR, this pipeline on RGB: COLOR_RGB2HSV / COLOR_HSV2RGB on the RGB image
+give the same HSV values and the same pixels, channels reversed, as mmseg's BGR calls.
+Random draws come from a per-sample numpy Generator.
 """
 
 from __future__ import annotations
@@ -17,54 +20,26 @@ import numpy as np
 
 from ..transforms import test_size as rescale_size
 
+try:
+    import cv2
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "the training augmentation calls OpenCV as mmsegmentation does: pip install -e '.[train]' "
+        "(opencv-python-headless)"
+    ) from exc
+
 IGNORE_INDEX = 255
 
 
-# -- resizing (OpenCV INTER_LINEAR on uint8, bit-exact) ---------------------------------------
-_COEF_BITS = 11  # OpenCV's INTER_RESIZE_COEF_BITS: weights are integers out of 2048
+# -- resizing (what mmcv.imrescale calls) -------------------------------------------------------
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 HxWxC image to size (h, w): cv2.resize INTER_LINEAR, as mmcv.imresize(..., 'bilinear')."""
+    return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
 
 
-def _linear_taps(in_len: int, out_len: int, start: int, count: int, clamp_weight: bool):
-    """Source indices and integer weights for output pixels [start, start+count).
-
-    Half-pixel centres in float32 as OpenCV computes them. Along x OpenCV moves out-of-range taps
-    onto the edge pixel with weight 0; along y it keeps the weight and clips the row index.
-    """
-    dst = np.arange(start, start + count, dtype=np.float64)
-    src = ((dst + 0.5) * (1.0 / (out_len / in_len)) - 0.5).astype(np.float32)
-    lo = np.floor(src).astype(np.int64)
-    frac = (src - lo.astype(np.float32)).astype(np.float32)
-    if clamp_weight:
-        edge = (lo < 0) | (lo >= in_len - 1)
-        frac[edge] = 0
-        lo = np.clip(lo, 0, in_len - 1)
-    scale = np.float32(1 << _COEF_BITS)
-    w1 = np.rint(frac * scale).astype(np.int32)
-    w0 = np.rint((np.float32(1) - frac) * scale).astype(np.int32)
-    return np.clip(lo, 0, in_len - 1), np.clip(lo + 1, 0, in_len - 1), w0, w1
-
-
-def resize_window_bilinear(image: np.ndarray, out_hw: tuple[int, int], window: tuple[int, int, int, int]) -> np.ndarray:
-    """The (y0, y1, x0, x1) window of `image` resized to out_hw, as cv2.resize(INTER_LINEAR) gives it.
-
-    OpenCV's 8-bit path: a horizontal pass with 11-bit integer weights, then a vertical pass that
-    drops 4 bits before each 16-bit multiply and rounds the sum (its SIMD kernel); matching it
-    bit for bit keeps the training pixels those of mmseg's pipeline.
-    """
-    y0, y1, x0, x1 = window
-    ylo, yhi, wy0, wy1 = _linear_taps(image.shape[0], out_hw[0], y0, y1 - y0, clamp_weight=False)
-    xlo, xhi, wx0, wx1 = _linear_taps(image.shape[1], out_hw[1], x0, x1 - x0, clamp_weight=True)
-    first, last = int(ylo.min()), int(yhi.max())
-    rows = image[first : last + 1].astype(np.int32)  # only the rows the window needs; int32 holds 255 * 2048 * 2
-    horizontal = rows[:, xlo] * wx0[None, :, None] + rows[:, xhi] * wx1[None, :, None]
-    top, bottom = horizontal[ylo - first] >> 4, horizontal[yhi - first] >> 4
-    out = ((wy0[:, None, None] * top) >> 16) + ((wy1[:, None, None] * bottom) >> 16)
-    return ((out + 2) >> 2).clip(0, 255).astype(np.uint8)
-
-
-def nearest_indices(in_len: int, out_len: int) -> np.ndarray:
-    """OpenCV INTER_NEAREST: src = floor(dst * (1 / (out / in))) in double, exactly as cv2 rounds it."""
-    return np.minimum(np.floor(np.arange(out_len) * (1.0 / (out_len / in_len))).astype(np.int64), in_len - 1)
+def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 HxW label to size (h, w): cv2.resize INTER_NEAREST, as mmcv.imresize(..., 'nearest')."""
+    return cv2.resize(label, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
 
 
 def random_resize_size(
@@ -102,57 +77,15 @@ def random_crop_bbox(
     return bbox
 
 
-# -- photometric distortion (OpenCV's 8-bit HSV, as mmcv.bgr2hsv / hsv2bgr) ---------------------
-_SHIFT = 12
-_SDIV = np.array([0] + [round((255 << _SHIFT) / i) for i in range(1, 256)], dtype=np.int32)
-_HDIV = np.array([0] + [round((180 << _SHIFT) / (6 * i)) for i in range(1, 256)], dtype=np.int32)
+# -- photometric distortion (mmcv.bgr2hsv / hsv2bgr are cv2.cvtColor) -----------------------------
+def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
+    """uint8 RGB -> OpenCV 8-bit HSV (H in 0-179); equals COLOR_BGR2HSV of the BGR image."""
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
 
 
-def rgb_to_hsv_u8(rgb: np.ndarray) -> np.ndarray:
-    """OpenCV COLOR_RGB2HSV on uint8 (H in 0-179), with its integer arithmetic.
-
-    mmseg works on BGR and calls COLOR_BGR2HSV; on the same colours both give the same HSV.
-    """
-    r, g, b = (rgb[..., i].astype(np.int32) for i in range(3))
-    v = np.maximum(np.maximum(r, g), b)
-    vmin = np.minimum(np.minimum(r, g), b)
-    diff = v - vmin
-    s = (diff * _SDIV[v] + (1 << (_SHIFT - 1))) >> _SHIFT
-    h = np.where(v == r, g - b, np.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
-    h = (h * _HDIV[diff] + (1 << (_SHIFT - 1))) >> _SHIFT
-    h = np.where(h < 0, h + 180, h)
-    return np.stack([h, s, v], axis=-1).astype(np.uint8)
-
-
-_SECTORS = np.array([[1, 3, 0], [1, 0, 2], [3, 0, 1], [0, 2, 1], [0, 1, 3], [2, 1, 0]])  # b, g, r taps
-
-
-def hsv_to_rgb_u8(hsv: np.ndarray, simd_pixels: int = 32) -> np.ndarray:
-    """OpenCV COLOR_HSV2RGB on uint8 (H in 0-179): float32 sector arithmetic, as OpenCV computes it.
-
-    OpenCV fuses `1 - s*h` into one multiply-add (the float64 product of two float32 values is
-    exact, so rounding `1 - s*h` once to float32 reproduces it). Its vector kernel converts whole
-    groups of `simd_pixels` pixels per row (32 with the AVX2 build) and truncates to uint8; the
-    leftover pixels at the end of a row go through the scalar code, which rounds to nearest even.
-    Rows as wide as the recipe's 1024-pixel crops are all vector groups.
-    """
-    f32 = np.float32
-    h = hsv[..., 0].astype(f32) * f32(6.0 / 180.0)
-    s = hsv[..., 1].astype(f32) * f32(1.0 / 255.0)
-    v = hsv[..., 2].astype(f32) * f32(1.0 / 255.0)
-    sector = np.floor(h).astype(np.int64) % 6
-    frac = h - sector.astype(f32)
-    s64 = s.astype(np.float64)
-    tab = np.stack(
-        [v, v * (f32(1) - s), v * (1.0 - s64 * frac).astype(f32), v * (1.0 - s64 * (f32(1) - frac)).astype(f32)],
-        axis=-1,
-    )
-    rgb = np.take_along_axis(tab, _SECTORS[sector], axis=-1)[..., ::-1] * f32(255)
-    vector_end = hsv.shape[-2] - hsv.shape[-2] % simd_pixels
-    out = np.empty(rgb.shape, np.uint8)
-    out[..., :vector_end, :] = np.trunc(rgb[..., :vector_end, :]).clip(0, 255)
-    out[..., vector_end:, :] = np.rint(rgb[..., vector_end:, :]).clip(0, 255)
-    return out
+def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
+    """OpenCV 8-bit HSV -> uint8 RGB; equals COLOR_HSV2BGR with the channels reversed."""
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
 
 
 def _scale_shift(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
@@ -176,13 +109,13 @@ class PhotoMetricDistortion:
         if contrast_first:
             img = self._contrast(img, rng)
         if rng.integers(2):
-            hsv = rgb_to_hsv_u8(img)
+            hsv = rgb_to_hsv(img)
             hsv[..., 1] = _scale_shift(hsv[..., 1], alpha=rng.uniform(*self.saturation_range))
-            img = hsv_to_rgb_u8(hsv)
+            img = hsv_to_rgb(hsv)
         if rng.integers(2):
-            hsv = rgb_to_hsv_u8(img)
+            hsv = rgb_to_hsv(img)
             hsv[..., 0] = (hsv[..., 0].astype(np.int64) + rng.integers(-self.hue_delta, self.hue_delta)) % 180
-            img = hsv_to_rgb_u8(hsv)
+            img = hsv_to_rgb(hsv)
         if not contrast_first:
             img = self._contrast(img, rng)
         return img
@@ -212,10 +145,10 @@ class TrainTransform:
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
         height, width = label.shape
         out_h, out_w = random_resize_size(height, width, self.scale, self.ratio_range, rng)
-        resized_label = label[np.ix_(nearest_indices(height, out_h), nearest_indices(width, out_w))]
+        resized_label = resize_label(label, (out_h, out_w))
         y0, y1, x0, x1 = random_crop_bbox(resized_label, self.crop, self.cat_max_ratio, rng)
         label = resized_label[y0:y1, x0:x1]
-        image = resize_window_bilinear(image, (out_h, out_w), (y0, y1, x0, x1))
+        image = self.resize_and_crop(image, (out_h, out_w), (y0, y1, x0, x1))
         if rng.random() < self.flip_prob:
             image, label = image[:, ::-1], label[:, ::-1]
         if self.photometric is not None:
@@ -226,3 +159,13 @@ class TrainTransform:
             image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), constant_values=0)
             label = np.pad(label, ((0, pad_h), (0, pad_w)), constant_values=IGNORE_INDEX)
         return np.ascontiguousarray(image), np.ascontiguousarray(label), valid
+
+    @staticmethod
+    def resize_and_crop(image: np.ndarray, size: tuple[int, int], bbox: tuple[int, int, int, int]) -> np.ndarray:
+        """The (y0, y1, x0, x1) window of the image resized to `size`: mmseg's Resize then RandomCrop.
+
+        The whole image is resized (tools/bench_augment.py measured this faster than computing only
+        the window with a numpy re-implementation of OpenCV's fixed-point bilinear resize).
+        """
+        y0, y1, x0, x1 = bbox
+        return resize_image(image, size)[y0:y1, x0:x1]

@@ -21,6 +21,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from torch import nn
@@ -174,6 +175,7 @@ class Trainer:
         return True
 
     def _configure_backends(self) -> None:
+        cv2.setNumThreads(0)  # as mmseg's opencv_num_threads=0: the DataLoader workers are the parallelism
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = self.cfg.cudnn_benchmark and not self.cfg.deterministic
         if self.cfg.deterministic:
