@@ -143,6 +143,7 @@ class SegmentationService:
                 future = self.dispatcher.submit(model, slot, image.shape[:2], deadline, link)
             except ServiceError:
                 self.dispatcher.slots.release(slot)
+                self.metrics.shm_slots.set(self.dispatcher.slots.in_use)
                 raise
             timeout = (deadline - time.monotonic()) if deadline else DEFAULT_TIMEOUT
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import subprocess
@@ -10,6 +11,7 @@ import threading
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from model import CITYSCAPES_PALETTE, Segmenter
@@ -20,13 +22,26 @@ KEY = "test-key"
 HEADERS = {"X-API-Key": KEY}
 
 
+CLASS_NAMES = tuple(f"class{i}" for i in range(19))
+
+
 @pytest.fixture(scope="module")
-def service(r18_checkpoint):
+def named_checkpoint(r18_checkpoint, tmp_path_factory) -> str:
+    """The random R18 checkpoint with distinct class names, so that names can be checked against ids."""
+    ckpt = torch.load(r18_checkpoint, weights_only=True)
+    ckpt["meta"]["CLASSES"] = CLASS_NAMES
+    path = tmp_path_factory.mktemp("ckpt") / "r18_named.pth"
+    torch.save(ckpt, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def service(named_checkpoint):
     svc = Service(
         [
             *FAST_ARGS,
             "--model",
-            f"bisenetv1_r18={r18_checkpoint}",
+            f"bisenetv1_r18={named_checkpoint}",
             "--max-batch",
             "4",
             "--max-delay-ms",
@@ -103,27 +118,68 @@ def test_multipart_upload_and_palette_png(http, photo_small, reference):
     assert {"decode", "queue", "inference", "encode"} <= stages
 
 
-def test_formats_overlay_json_raw(http, photo_small, reference):
-    expected = reference.predict(photo_small)
+def blocks(image: np.ndarray, k: int = 8) -> np.ndarray:
+    """Means over k x k blocks: what JPEG keeps best (the DC terms), to compare a JPEG with its source."""
+    h, w = image.shape[0] // k * k, image.shape[1] // k * k
+    return image[:h, :w].astype(np.float64).reshape(h // k, k, w // k, k, -1).mean((1, 3))
+
+
+def test_overlay_is_the_image_blended_with_the_class_colours(http, photo_small, reference):
+    labels = reference.predict(photo_small)
+    assert len(np.unique(labels)) > 3  # several colours, so a wrong colour per class shows
     overlay = post(http, encode(photo_small), format="overlay")
-    assert overlay.headers["content-type"] == "image/jpeg"
-    assert Image.open(io.BytesIO(overlay.content)).size == (96, 64)
+    assert overlay.status_code == 200 and overlay.headers["content-type"] == "image/jpeg"
+    img = Image.open(io.BytesIO(overlay.content))
+    assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (96, 64))
+    palette = np.asarray(CITYSCAPES_PALETTE, np.uint8)
+    blend = (photo_small.astype(np.float32) * 0.5 + palette[labels] * 0.5).astype(np.uint8)
+    # JPEG changes single pixels by up to tens of levels, block means by a level or two; the image
+    # alone, the colours alone or another weight (0.45) are several levels off on average.
+    error = np.abs(blocks(np.asarray(img)) - blocks(blend))
+    assert error.mean() < 1.5 and error.max() < 6, (error.mean(), error.max())
+
+
+def test_json_format_fields(http, photo_small, reference):
+    expected = reference.predict(photo_small)
+    h, w = expected.shape
     stats = post(http, encode(photo_small), format="json").json()
+    assert set(stats) == {"model", "height", "width", "classes", "timings_ms", "labels_png"}
     assert (stats["model"], stats["height"], stats["width"]) == ("bisenetv1_r18", 64, 96)
-    assert sum(c["pixels"] for c in stats["classes"]) == 64 * 96
     counts = np.bincount(expected.ravel(), minlength=19)
-    assert {c["id"]: c["pixels"] for c in stats["classes"]} == {i: int(n) for i, n in enumerate(counts) if n}
-    assert {"decode", "queue", "inference", "encode"} <= set(stats["timings_ms"])
+    assert [c["id"] for c in stats["classes"]] == [i for i, n in enumerate(counts) if n]  # present ones, by id
+    for c in stats["classes"]:
+        assert set(c) == {"id", "name", "pixels", "fraction"}
+        assert c["name"] == CLASS_NAMES[c["id"]] and c["pixels"] == counts[c["id"]]
+        assert c["fraction"] == pytest.approx(c["pixels"] / (h * w), abs=1e-6)
+    assert sum(c["pixels"] for c in stats["classes"]) == h * w
+    assert sum(c["fraction"] for c in stats["classes"]) == pytest.approx(1.0, abs=1e-5)
+    assert set(stats["timings_ms"]) == {"decode", "queue", "inference", "encode"}
+    assert all(isinstance(v, float | int) and v >= 0 for v in stats["timings_ms"].values())
+    png = Image.open(io.BytesIO(base64.b64decode(stats["labels_png"])))
+    assert png.mode == "P"
+    np.testing.assert_array_equal(np.asarray(png), labels_of(post(http, encode(photo_small), format="png")))
+    np.testing.assert_array_equal(np.asarray(png), expected)
+
+
+def test_raw_format(http, photo_small, reference):
     raw = post(http, encode(photo_small), format="raw")
-    assert (raw.headers["x-height"], raw.headers["x-width"]) == ("64", "96")
-    np.testing.assert_array_equal(np.frombuffer(raw.content, np.uint8).reshape(64, 96), expected)
+    assert raw.headers["content-type"] == "application/octet-stream"
+    assert (raw.headers["x-height"], raw.headers["x-width"]) == ("64", "96") and len(raw.content) == 64 * 96
+    np.testing.assert_array_equal(np.frombuffer(raw.content, np.uint8).reshape(64, 96), reference.predict(photo_small))
 
 
 def test_model_aliases_and_models_endpoint(http, photo_small):
-    assert post(http, encode(photo_small), model="fast").status_code == 200
+    by_name = post(http, encode(photo_small), model="bisenetv1_r18")
+    fast = post(http, encode(photo_small), model="fast")
+    assert by_name.headers["x-model"] == fast.headers["x-model"] == "bisenetv1_r18"
+    np.testing.assert_array_equal(labels_of(fast), labels_of(by_name))
+    # `accurate` names bisenetv1_r50, which this service does not serve; an unknown alias is unknown
+    for model in ("accurate", "fastest", "FAST"):
+        error_of(post(http, encode(photo_small), model=model), 404, "not_found")
     info = http.get("/models").json()
     (entry,) = info["models"]
-    assert entry["name"] == "bisenetv1_r18" and entry["ready"] and len(entry["classes"]) == 19
+    assert info["default"] == "bisenetv1_r18"
+    assert entry["name"] == "bisenetv1_r18" and entry["ready"] and entry["classes"] == list(CLASS_NAMES)
     assert entry["palette"][0] == [128, 64, 128] and entry["dtype"] == "float32"
 
 
@@ -149,6 +205,25 @@ def test_other_image_modes_are_served(http, photo_small, reference, convert):
         )
     served = labels_of(post(http, body, "image/jpeg" if convert == "CMYK" else "image/png"))
     np.testing.assert_array_equal(served, reference.predict(expected_rgb))
+
+
+@pytest.mark.parametrize(
+    ("fmt", "options", "content_type"),
+    [
+        ("WEBP", {"lossless": True}, "image/webp"),
+        ("BMP", {}, "image/bmp"),
+        ("BMP", {}, "image/x-ms-bmp"),
+        ("TIFF", {}, "image/tiff"),
+        ("TIFF", {"compression": "tiff_lzw"}, "image/tiff"),
+    ],
+    ids=["webp-lossless", "bmp", "x-ms-bmp", "tiff", "tiff-lzw"],
+)
+def test_other_formats_give_the_labels_of_the_same_pixels_as_png(http, photo_small, fmt, options, content_type):
+    body = encode(photo_small, fmt, **options)
+    decoded = Image.open(io.BytesIO(body))
+    assert decoded.format == fmt
+    np.testing.assert_array_equal(np.asarray(decoded.convert("RGB")), photo_small)  # the same pixels
+    np.testing.assert_array_equal(labels_of(post(http, body, content_type)), labels_of(post(http, encode(photo_small))))
 
 
 def test_exif_orientation_is_applied(http, photo_small, reference):
@@ -250,19 +325,65 @@ def test_expired_deadline(http, photo_small):
     assert_still_serves(http, photo_small)
 
 
-def test_api_key_required(service, photo_small):
-    for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer wrong"}):
-        r = httpx.post(
-            f"{service.url}/segment", content=encode(photo_small), headers={"Content-Type": "image/png", **headers}
-        )
-        error_of(r, 401, "unauthorized")
-    ok = httpx.post(
-        f"{service.url}/segment",
-        content=encode(photo_small),
-        headers={"Content-Type": "image/png", "Authorization": f"Bearer {KEY}"},
-        timeout=60,
+# Answered without the API key, deliberately: liveness, readiness, Prometheus and the API docs.
+OPEN_ENDPOINTS = {
+    ("GET", "/healthz"),
+    ("GET", "/v2/health/live"),
+    ("GET", "/readyz"),
+    ("GET", "/v2/health/ready"),
+    ("GET", "/metrics"),
+    ("GET", "/docs"),
+    ("GET", "/docs/oauth2-redirect"),
+    ("GET", "/redoc"),
+    ("GET", "/openapi.json"),
+}
+KEYED_ENDPOINTS = {("POST", "/segment"), ("GET", "/models")}
+
+
+def app_endpoints() -> set[tuple[str, str]]:
+    """(method, path) of every route of the REST app, including those left out of the OpenAPI schema."""
+    from service.api.rest import create_app
+    from service.config import ModelSpec, Settings
+    from service.core import SegmentationService
+
+    settings = Settings(models=(ModelSpec("bisenetv1_r18", "random"),), devices=("cpu",), api_key=KEY)
+    svc = SegmentationService(settings, {"bisenetv1_r18": "random"})
+    try:
+        app = create_app(svc)
+        return {(m, route.path) for route in app.routes for m in getattr(route, "methods", ()) if m != "HEAD"}
+    finally:
+        svc.pool.shutdown()
+
+
+def test_api_key_on_every_endpoint(service, photo_small):
+    # Every route is one of the two lists: a new endpoint must be classified (and is then checked).
+    assert app_endpoints() == OPEN_ENDPOINTS | KEYED_ENDPOINTS
+    body = encode(photo_small)
+
+    def call(method: str, path: str, headers: dict) -> httpx.Response:
+        if method == "POST":
+            headers = {"Content-Type": "image/png", **headers}
+            return httpx.post(service.url + path, content=body, headers=headers, timeout=120)
+        return httpx.request(method, service.url + path, headers=headers, timeout=120)
+
+    refused = (
+        {},
+        {"X-API-Key": ""},
+        {"X-API-Key": "wrong"},
+        {"X-API-Key": KEY.upper()},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": KEY},
+        {"Authorization": f"Basic {KEY}"},
+        {"X-Api-Key-Typo": KEY},
     )
-    assert ok.status_code == 200
+    for method, path in sorted(KEYED_ENDPOINTS):
+        for headers in refused:
+            message = error_of(call(method, path, headers), 401, "unauthorized")
+            assert KEY not in message
+        for headers in ({"X-API-Key": KEY}, {"Authorization": f"Bearer {KEY}"}, {"x-api-key": KEY}):
+            assert call(method, path, headers).status_code == 200, (method, path, headers)
+    for method, path in sorted(OPEN_ENDPOINTS):
+        assert call(method, path, {}).status_code == 200, (method, path)
 
 
 # -- health, metrics, docs ----------------------------------------------------------------------
@@ -274,6 +395,8 @@ def test_health_readiness_openapi(service):
 
 
 def test_metrics_exposition(service, http, photo_small):
+    before = service.metrics()
+    error_of(post(http, b"not an image", "image/png"), 400, "invalid_image")
     post(http, encode(photo_small))
     text = service.metrics()
     for name in (
@@ -294,7 +417,8 @@ def test_metrics_exposition(service, http, photo_small):
     assert metric_value(text, "seg_realtime_target_seconds") == pytest.approx(1 / 30, rel=1e-6)
     assert 'le="0.033333"' in text  # a bucket edge sits exactly on the frame budget
     assert metric_value(text, "seg_ready") == 1
-    assert metric_value(text, "seg_requests_rejected_total", reason="invalid_image") >= 1
+    rejected = metric_value(text, "seg_requests_rejected_total", reason="invalid_image")
+    assert rejected - metric_value(before, "seg_requests_rejected_total", reason="invalid_image") == 1
     assert metric_value(text, "seg_queue_depth") == 0
 
 

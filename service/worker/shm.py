@@ -56,6 +56,10 @@ class SlotPool:
 
     def acquire(self, nbytes: int) -> Slot:
         capacity = -(-nbytes // ALIGN) * ALIGN
+        if capacity > self.budget_bytes:  # can never fit: retrying (429) would not help
+            raise ServiceError(
+                "too_large", f"a frame of {nbytes} bytes exceeds the frame memory of {self.budget_bytes} bytes"
+            )
         forgotten = []
         with self._lock:
             for slot in sorted(self._free, key=lambda s: s.capacity):

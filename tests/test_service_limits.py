@@ -1,0 +1,153 @@
+"""The shared-memory budget for frames in flight (--shm-bytes), through the real service.
+
+The budget is the smallest allowed (1 MiB): two 320x480 frames (460,800 bytes each, 512 KiB slots).
+The worker is held with SIGSTOP where a test needs frames to stay in flight, so nothing depends on
+how fast this machine computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.servicekit import FAST_ARGS, Service, metric_value
+
+SHM_BYTES = 1 << 20  # the smallest --shm-bytes
+SLOT = 512 * 1024  # what one 320x480 RGB frame takes (slots are 64 KiB-aligned)
+
+
+@pytest.fixture(scope="module")
+def service(r18_checkpoint):
+    svc = Service(
+        [
+            *FAST_ARGS,
+            "--model",
+            f"bisenetv1_r18={r18_checkpoint}",
+            "--shm-bytes",
+            str(SHM_BYTES),
+            "--max-batch",
+            "1",
+            "--max-queue",
+            "16",
+        ]
+    )
+    try:
+        yield svc.wait_ready()
+    finally:
+        for pid in svc.worker_pids():  # a failed test may have left it stopped
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        svc.stop()
+
+
+def encode(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def frames(photo) -> dict[str, bytes]:
+    """PNG frames of three sizes: two fill the budget, sixteen small ones would."""
+    img = Image.fromarray(photo)
+    return {
+        "large": encode(np.asarray(img.resize((480, 320)))),  # 512 KiB slot
+        "medium": encode(np.asarray(img.resize((256, 160)))),  # 128 KiB slot
+        "small": encode(np.asarray(img.resize((96, 64)))),  # 64 KiB slot
+    }
+
+
+def post(service, body: bytes) -> httpx.Response:
+    return httpx.post(f"{service.url}/segment", content=body, headers={"Content-Type": "image/png"}, timeout=180)
+
+
+def metric(service, name: str, **labels) -> float:
+    return metric_value(service.metrics(), name, **labels)
+
+
+def wait_for(predicate, timeout: float = 30.0, every: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(every)
+
+
+def sigstop(pid: int) -> None:
+    os.kill(pid, signal.SIGSTOP)
+
+    def stopped() -> bool:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2] == "T"
+
+    wait_for(stopped, timeout=10, every=0.005)
+
+
+def assert_refused_for_memory(r: httpx.Response) -> None:
+    assert r.status_code == 429, r.text
+    assert r.json()["error"]["code"] == "queue_full" and int(r.headers["retry-after"]) >= 1
+
+
+def test_frames_over_the_budget_are_refused_with_429_until_memory_frees(service, frames):
+    before = metric(service, "seg_requests_rejected_total", reason="queue_full")
+    (worker,) = service.worker_pids()
+    sigstop(worker)  # the frames sent stay in their slots
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            held = []
+            for n in (1, 2):
+                held.append(pool.submit(post, service, frames["large"]))
+                wait_for(lambda n=n: metric(service, "seg_shm_slots_in_use") == n)
+            assert metric(service, "seg_shm_bytes") == SHM_BYTES
+            assert metric(service, "seg_queue_depth") == 2  # the queue (16) has room: memory is what is short
+            assert_refused_for_memory(post(service, frames["large"]))
+            assert_refused_for_memory(post(service, frames["small"]))  # no room for any frame
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        assert [f.result().status_code for f in held] == [200, 200]
+    assert metric(service, "seg_requests_rejected_total", reason="queue_full") - before == 2
+    assert metric(service, "seg_shm_slots_in_use") == 0
+    for size in ("large", "small", "large"):  # freed slots are reused, or unlinked to make room
+        assert post(service, frames[size]).status_code == 200
+    assert metric(service, "seg_shm_bytes") <= SHM_BYTES
+
+
+def test_frame_larger_than_the_whole_budget_is_too_large_not_retryable(service, photo):
+    big = encode(np.asarray(Image.fromarray(photo).resize((640, 640))))  # 1,228,800 bytes of pixels
+    r = post(service, big)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_large", r.text
+    assert "retry-after" not in r.headers
+    assert metric(service, "seg_shm_slots_in_use") == 0
+
+
+def test_concurrent_mixed_sizes_leak_no_slot_and_keep_labels_apart(service, frames):
+    expected = {}
+    for size, body in frames.items():  # one at a time, each answered with its own labels
+        r = post(service, body)
+        assert r.status_code == 200
+        expected[size] = np.asarray(Image.open(io.BytesIO(r.content)))
+    before = metric(service, "seg_requests_rejected_total", reason="queue_full")
+    sizes = ["large", "medium", "small"] * 6
+    with ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(lambda size: post(service, frames[size]), sizes))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 429} and 200 in codes, codes
+    for size, r in zip(sizes, responses):
+        if r.status_code == 200:
+            np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(r.content))), expected[size])
+        else:
+            assert_refused_for_memory(r)
+    text = httpx.get(f"{service.url}/metrics", timeout=10).text
+    assert metric_value(text, "seg_requests_rejected_total", reason="queue_full") - before == codes.count(429)
+    assert metric_value(text, "seg_shm_slots_in_use") == 0 and metric_value(text, "seg_queue_depth") == 0
+    assert metric_value(text, "seg_shm_bytes") <= SHM_BYTES
+    assert post(service, frames["large"]).status_code == 200
