@@ -20,13 +20,13 @@ import sys
 
 import httpx
 
-from .load import Level, print_table, raw_engine, rest_sender, sweep, test_image
+from .load import Level, print_table, raw_engine, rest_sender, sample_jpeg, sweep
 from .processes import free_port, spawn_service
 
 
 async def run(args) -> list[Level]:
     size = tuple(int(v) for v in args.size.lower().split("x"))
-    body = test_image(size, args.image)
+    body = sample_jpeg(size, args.image)
     if args.protocol == "grpc":
         from . import grpc_load as bench_grpc
 
@@ -53,7 +53,7 @@ async def run_streams(args) -> tuple[list, int | None]:
     budget = 1 / args.target_fps
     async with bench_grpc.channel(args.grpc) as ch:
         stub = bench_grpc.pb_grpc.SegmentationStub(ch)
-        make = bench_grpc.request_factory(test_image(size, args.image), args.stream_send, args.format, args.model)
+        make = bench_grpc.request_factory(sample_jpeg(size, args.image), args.stream_send, args.format, args.model)
         meta = grpc_metadata(args)
         await bench_grpc.stream_level(stub, make, 1, args.target_fps, 1.0, meta, args.policy)  # warm-up
         levels = [

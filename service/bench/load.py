@@ -35,7 +35,7 @@ class Level:
         return float(np.mean(np.asarray(self.latencies) <= budget)) if self.latencies else 0.0
 
 
-def test_image(size: tuple[int, int], path: str | None) -> bytes:
+def sample_jpeg(size: tuple[int, int], path: str | None) -> bytes:
     """A JPEG at `size`: the given photo resized, or scikit-image's street-like 'coffee' photo tiled."""
     if path:
         img = Image.open(path).convert("RGB")
@@ -124,7 +124,7 @@ def raw_engine(
 
     torch.manual_seed(0)
     seg = Segmenter(model, weights=weights, device=device, scale=scale)
-    image = np.asarray(Image.open(io.BytesIO(test_image(size, None))).convert("RGB"))
+    image = np.asarray(Image.open(io.BytesIO(sample_jpeg(size, None))).convert("RGB"))
     batch_images = np.stack([image] * batch)
     seg.engine.warmup([size], (batch,))
     done, start = 0, time.perf_counter()

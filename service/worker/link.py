@@ -292,12 +292,11 @@ class Dispatcher:
         slot.write_image(image)
         return slot
 
-    def pick_link(self, sticky: int | None = None) -> WorkerLink:
+    def pick_link(self) -> WorkerLink:
+        """The ready worker with the fewest requests outstanding (streams keep the one they got)."""
         ready = [link for link in self.links if link.ready]
         if not ready:
             raise ServiceError("worker_restarting", "no worker is ready; retry", retry_after=1)
-        if sticky is not None:
-            return ready[sticky % len(ready)]
         return min(ready, key=lambda link: link.outstanding)
 
     def submit(
