@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -79,3 +81,79 @@ def metric_value(text: str, name: str, **labels) -> float:
         if all(f'{k}="{v}"' in label_text for k, v in labels.items()):
             total += float(value)
     return total
+
+
+def service_metric(service: Service, name: str, **labels) -> float:
+    """One metric of a running service, summed over the samples matching `labels`."""
+    return metric_value(service.metrics(), name, **labels)
+
+
+def wait_for(predicate, what: str = "the condition", timeout: float = 60.0, every: float = 0.05) -> None:
+    """Poll `predicate` until it is true; fail after `timeout` seconds naming `what`."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(every)
+
+
+def wait_for_metrics(service: Service, timeout: float = 30.0, **expected) -> str:
+    """Poll /metrics until each `name=value` holds (summed over labels); return the last text."""
+    texts = [service.metrics()]
+
+    def settled() -> bool:
+        texts.append(service.metrics())
+        return all(metric_value(texts[-1], name) == value for name, value in expected.items())
+
+    try:
+        wait_for(settled, "metrics to settle", timeout, every=0.1)
+    except AssertionError:
+        got = {name: metric_value(texts[-1], name) for name in expected}
+        raise AssertionError(f"metrics did not settle: expected {expected}, got {got}") from None
+    return texts[-1]
+
+
+# -- holding processes: a stopped worker completes nothing, so tests need no races -----------------
+def proc_state(pid: int) -> str:
+    """One-letter state from /proc/PID/stat ('T' stopped, 'Z' zombie, '?' gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return "?"
+    return stat[stat.rindex(")") + 2]
+
+
+def sigstop(*pids: int) -> None:
+    """SIGSTOP each process and wait until the kernel reports it stopped."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    for pid in pids:
+        wait_for(lambda pid=pid: proc_state(pid) in ("T", "t"), f"process {pid} to stop", timeout=10, every=0.005)
+
+
+def sigcont(*pids: int) -> None:
+    for pid in pids:
+        os.kill(pid, signal.SIGCONT)
+
+
+@contextlib.contextmanager
+def held(*pids: int):
+    """The processes stopped for the `with` block, and always resumed after it."""
+    sigstop(*pids)
+    try:
+        yield
+    finally:
+        sigcont(*pids)
+
+
+def make_certificate(folder: Path, name: str = "service") -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 and localhost (openssl): (cert.pem, key.pem) paths."""
+    cert, key = folder / f"{name}.pem", folder / f"{name}.key"
+    subject = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"]
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", *subject]
+        + ["-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return str(cert), str(key)

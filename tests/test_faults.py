@@ -14,7 +14,6 @@ import io
 import os
 import signal
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.reduction import ForkingPickler
@@ -26,7 +25,17 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.servicekit import ROOT, Service, free_port, metric_value
+from tests.servicekit import (
+    ROOT,
+    Service,
+    free_port,
+    metric_value,
+    proc_state,
+    service_command,
+    service_metric,
+    sigstop,
+    wait_for,
+)
 
 ARGS = [
     "--device",
@@ -51,7 +60,7 @@ RESTART_BACKOFF = (0.5, 1, 2)  # the first delays of service/worker/link.py REST
 
 def run_service(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "service", "--host", "127.0.0.1", "--http-port", str(free_port()), *args],
+        service_command(free_port(), free_port(), list(args)),
         cwd=ROOT,
         env={**os.environ, **(env or {})},
         capture_output=True,
@@ -123,15 +132,6 @@ def hold_env(flag: Path) -> dict:
     return {"PYTHONPATH": path, "BISENET_TEST_HOLD_WORKER": str(flag)}
 
 
-def proc_state(pid: int) -> str:
-    """One-letter state from /proc/PID/stat ('T' stopped, 'Z' zombie, '?' gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return "?"
-    return stat[stat.rindex(")") + 2]
-
-
 def proc_io(pid: int) -> dict[str, int]:
     """/proc/PID/io: syscw counts write() calls, wchar their bytes; a worker writes each message to
     the front end with one write() (Connection.send joins header and payload for small messages)."""
@@ -142,11 +142,6 @@ def proc_io(pid: int) -> dict[str, int]:
 def message_bytes(*msg) -> set[int]:
     """What one worker -> front-end message costs in wchar, for job ids of any width."""
     return {4 + len(ForkingPickler.dumps(tuple(m if m != "ID" else [i] for m in msg))) for i in (1, 300, 70000)}
-
-
-def sigstop(pid: int) -> None:
-    os.kill(pid, signal.SIGSTOP)
-    wait_for(lambda: proc_state(pid) == "T", timeout=10, every=0.005)
 
 
 def wait_quiet(pid: int, quiet: float = 0.3, timeout: float = 30.0) -> dict[str, int]:
@@ -232,25 +227,14 @@ def post(service, body, **kw) -> httpx.Response:
     return httpx.post(f"{service.url}/segment", content=body, headers={"Content-Type": "image/png"}, timeout=180, **kw)
 
 
-def wait_for(predicate, timeout: float = 60.0, every: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(every)
-
-
-def metric(service, name: str, **labels) -> float:
-    return metric_value(service.metrics(), name, **labels)
-
-
 def submit_and_wait_in_slots(service, pool: ThreadPoolExecutor, body: bytes, n: int, **kw) -> list:
     """Send `n` requests one after another, each once the previous one has been handed to the worker
     (the slots gauge is set when a request is sent to the worker, so it counts those sent)."""
     futures = []
-    start = metric(service, "seg_shm_slots_in_use")
+    start = service_metric(service, "seg_shm_slots_in_use")
     for i in range(1, n + 1):
         futures.append(pool.submit(post, service, body, **kw))
-        wait_for(lambda i=i: metric(service, "seg_shm_slots_in_use") == start + i, timeout=30)
+        wait_for(lambda i=i: service_metric(service, "seg_shm_slots_in_use") == start + i, timeout=30)
     return futures
 
 
@@ -277,13 +261,13 @@ def test_not_ready_while_loading(started, body, hold):
     assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready", r.text
     assert int(r.headers["retry-after"]) >= 1
     assert httpx.get(f"{service.url}/healthz").status_code == 200
-    assert metric(service, "seg_ready") == 0
+    assert service_metric(service, "seg_ready") == 0
     assert proc_state(worker) == "T"
     os.kill(worker, signal.SIGCONT)
     service.wait_ready()
     assert service.worker_pids() == [worker]
     assert post(service, body).status_code == 200
-    assert metric(service, "seg_ready") == 1
+    assert service_metric(service, "seg_ready") == 1
 
 
 def _ready(service) -> bool:
@@ -301,20 +285,20 @@ def _answers(service) -> bool:
 
 
 def test_full_queue_gets_429_with_retry_after(service, body):
-    before = metric(service, "seg_requests_rejected_total", reason="queue_full")
+    before = service_metric(service, "seg_requests_rejected_total", reason="queue_full")
     (worker,) = service.worker_pids()
     sigstop(worker)  # nothing is answered while the queue fills
     with ThreadPoolExecutor(3) as pool:
         try:
             admitted = submit_and_wait_in_slots(service, pool, body, 3)  # --max-queue 3
-            assert metric(service, "seg_queue_depth") == 3
+            assert service_metric(service, "seg_queue_depth") == 3
             rejected = post(service, body)
             assert rejected.status_code == 429, rejected.text
             assert rejected.json()["error"]["code"] == "queue_full" and int(rejected.headers["retry-after"]) >= 1
         finally:
             os.kill(worker, signal.SIGCONT)
         assert [f.result().status_code for f in admitted] == [200, 200, 200]
-    assert metric(service, "seg_requests_rejected_total", reason="queue_full") - before == 1
+    assert service_metric(service, "seg_requests_rejected_total", reason="queue_full") - before == 1
     assert post(service, body).status_code == 200
 
 
@@ -363,8 +347,8 @@ def test_deadline_passing_in_the_worker_queue_is_not_computed(service, body):
 def test_worker_killed_under_load(service, body, hold):
     """The worker dies while computing one request with two more queued: the one it was computing
     gets a retryable 503, the queued ones are re-sent to the replacement and answered 200."""
-    restarts = metric(service, "seg_worker_restarts_total")
-    rejected = metric(service, "seg_requests_rejected_total", reason="worker_restarting")
+    restarts = service_metric(service, "seg_worker_restarts_total")
+    rejected = service_metric(service, "seg_requests_rejected_total", reason="worker_restarting")
     (worker,) = service.worker_pids()
     with ThreadPoolExecutor(3) as pool:
         try:
@@ -445,7 +429,7 @@ def test_restart_that_fails_is_retried_until_it_works(r18_checkpoint, tmp_path, 
         (tmp_path / "moved.pth").rename(weights)
         gaps = [seen[b][0] - seen[a][1] for a, b in zip(order, order[1:])]
         assert all(gap >= delay for gap, delay in zip(gaps, RESTART_BACKOFF)), gaps
-        assert metric(svc, "seg_worker_restarts_total") >= 3  # the kill and two failed restarts
+        assert service_metric(svc, "seg_worker_restarts_total") >= 3  # the kill and two failed restarts
         svc.wait_ready(120)
         assert post(svc, body).status_code == 200
     finally:

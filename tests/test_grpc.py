@@ -10,6 +10,7 @@ import queue
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import httpx
@@ -21,7 +22,7 @@ from PIL import Image
 from service.client import GrpcSegmentationClient, SegmentationError
 from service.proto import segmentation_pb2 as pb
 from service.proto import segmentation_pb2_grpc as pb_grpc
-from tests.servicekit import BISENET, FAST_ARGS, ROOT, Service, metric_value
+from tests.servicekit import BISENET, FAST_ARGS, ROOT, Service, make_certificate, metric_value, wait_for_metrics
 
 KEY = "grpc-key"
 AUTH = (("x-api-key", KEY),)
@@ -108,19 +109,6 @@ def status_of(call, *args, **kwargs) -> grpc.RpcError:
         if isinstance(result, grpc.Call):  # a stream: the status arrives while reading it
             list(result)
     return info.value
-
-
-def wait_for_metrics(service, timeout: float = 15.0, **expected) -> str:
-    """Poll /metrics until each `name=value` holds (summed over labels); return the last text."""
-    deadline = time.monotonic() + timeout
-    while True:
-        text = service.metrics()
-        if all(metric_value(text, name) == value for name, value in expected.items()):
-            return text
-        if time.monotonic() > deadline:
-            got = {name: metric_value(text, name) for name in expected}
-            raise AssertionError(f"metrics did not settle: expected {expected}, got {got}")
-        time.sleep(0.2)
 
 
 def assert_nothing_held(service) -> None:
@@ -491,44 +479,22 @@ def test_tls_api_key_and_health_before_ready(tmp_path):
     from service.config import ModelSpec, Settings
     from service.core import SegmentationService
 
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    cert, key = make_certificate(tmp_path)
     settings = Settings(
         models=(ModelSpec("bisenetv1_r18", "random"),),
         devices=("cpu",),
         host="127.0.0.1",
         grpc_port=0,
         api_key=KEY,
-        tls_cert=str(cert),
-        tls_key=str(key),
+        tls_cert=cert,
+        tls_key=key,
     )
 
     async def main():
         service = SegmentationService(settings, {"bisenetv1_r18": "random"})
         server = await start_grpc_server(service, settings)
         try:
-            creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+            creds = grpc.ssl_channel_credentials(root_certificates=Path(cert).read_bytes())
             async with grpc.aio.secure_channel(f"localhost:{server.port}", creds) as ch:
                 health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
                 assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING

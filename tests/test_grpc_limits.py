@@ -5,7 +5,6 @@ with the worker held by SIGSTOP so the frames in the worker can be counted witho
 from __future__ import annotations
 
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 from service.api.streaming import DEFAULT_MAX_IN_FLIGHT, MAX_IN_FLIGHT_LIMIT
 from service.proto import segmentation_pb2 as pb
 from service.proto import segmentation_pb2_grpc as pb_grpc
-from tests.servicekit import FAST_ARGS, Service, metric_value
+from tests.servicekit import FAST_ARGS, Service, held, metric_value, wait_for_metrics
 
 H, W = 64, 128
 MODEL = "bisenetv1_r18"
@@ -50,41 +49,6 @@ def raw_request(frame: np.ndarray, **fields) -> pb.SegmentRequest:
         format=pb.STATS_ONLY,
         **fields,
     )
-
-
-def wait_for_metrics(service, timeout: float = 30.0, **expected) -> str:
-    """Poll /metrics until each `name=value` holds (summed over labels); return the last text."""
-    deadline = time.monotonic() + timeout
-    while True:
-        text = service.metrics()
-        if all(metric_value(text, name) == value for name, value in expected.items()):
-            return text
-        if time.monotonic() > deadline:
-            got = {name: metric_value(text, name) for name in expected}
-            raise AssertionError(f"metrics did not settle: expected {expected}, got {got}")
-        time.sleep(0.1)
-
-
-def stopped(pid: int) -> bool:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
-
-
-class held:
-    """SIGSTOP a worker for the duration of a `with` block (always resumed)."""
-
-    def __init__(self, pid: int):
-        self.pid = pid
-
-    def __enter__(self):
-        os.kill(self.pid, signal.SIGSTOP)
-        deadline = time.monotonic() + 10
-        while not stopped(self.pid):
-            assert time.monotonic() < deadline, "the worker did not stop"
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc):
-        os.kill(self.pid, signal.SIGCONT)
 
 
 def stream_error(stub, requests, metadata=()) -> grpc.RpcError:

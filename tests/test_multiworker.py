@@ -25,7 +25,7 @@ from PIL import Image
 
 from service.proto import segmentation_pb2 as pb
 from service.proto import segmentation_pb2_grpc as pb_grpc
-from tests.servicekit import FAST_ARGS, Service, metric_value
+from tests.servicekit import FAST_ARGS, Service, metric_value, proc_state, sigcont, sigstop, wait_for
 
 H, W = 64, 128
 
@@ -74,36 +74,13 @@ def post(service, body: bytes, timeout: float = 120) -> httpx.Response:
     )
 
 
-def wait_for(predicate, what: str, timeout: float = 60.0, every: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(every)
-
-
 def slots(service) -> float:
     return metric_value(service.metrics(), "seg_shm_slots_in_use")
-
-
-def state(pid: int) -> str:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def stop(*pids: int) -> None:
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
-    for pid in pids:
-        wait_for(lambda pid=pid: state(pid) in ("T", "t"), f"worker {pid} to stop", timeout=10, every=0.01)
-
-
-def resume(*pids: int) -> None:
-    for pid in pids:
-        os.kill(pid, signal.SIGCONT)
 
 
 def submit_held(service, pool, body: bytes, expected_slots: int) -> Future:
@@ -123,9 +100,9 @@ def one_request_each(service, pool, body: bytes, running: int, held: int) -> Fut
     answers exactly one of them (the other stays in flight on `held`, still stopped); on return,
     `held` is stopped holding one request and `running` is idle."""
     assert slots(service) == 0
-    stop(running, held)
+    sigstop(running, held)
     futures = [submit_held(service, pool, body, 1), submit_held(service, pool, body, 2)]
-    resume(running)
+    sigcont(running)
     done = first_done(futures)
     response = futures[done].result()
     assert response.status_code == 200, response.text
@@ -171,9 +148,9 @@ def test_requests_go_to_the_less_loaded_worker(service, pool, body, which):
             assert r.status_code == 200, r.text
             assert np.frombuffer(r.content, np.uint8).size == H * W
         assert cpu_seconds(running) > cpu  # the running worker did the work
-        assert slots(service) == 1 and not waiting.done() and state(held) in ("T", "t")
+        assert slots(service) == 1 and not waiting.done() and proc_state(held) in ("T", "t")
     finally:
-        resume(held)
+        sigcont(held)
     assert waiting.result(timeout=120).status_code == 200
     wait_for(lambda: slots(service) == 0, "slots to be given back")
 
@@ -230,31 +207,31 @@ def test_a_stream_sticks_to_one_worker(service, pool, stub, frame, body):
     probe = StreamProbe(stub, frame)
     unary: Future | None = None
     try:
-        stop(p, q)
+        sigstop(p, q)
         unary = submit_held(service, pool, body, 1)  # on one worker
         probe.send(0)  # the stream opens now: least loaded is the other worker
         wait_for(lambda: slots(service) == 2, "the stream's first frame to reach a worker")
-        resume(p)
+        sigcont(p)
         wait_for(lambda: unary.done() or not probe.inbox.empty(), "the unary request or frame 0")
         if unary.done():  # p served the unary request: the stream is on q
             stream_worker, other = q, p
-            stop(p)
-            resume(q)
+            sigstop(p)
+            sigcont(q)
         else:  # p is the stream's worker; q still holds the unary request
             stream_worker, other = p, q
         assert probe.receive().frame_id == 0
 
         # (1) the other worker is stopped: the stream keeps flowing on its own worker.
-        assert state(other) in ("T", "t")
+        assert proc_state(other) in ("T", "t")
         for i in range(1, 6):
             probe.send(i)
             assert probe.receive().frame_id == i
-        resume(other)
+        sigcont(other)
         assert unary.result(timeout=120).status_code == 200
         wait_for(lambda: slots(service) == 0, "every request answered")
 
         # (2) the stream's worker is stopped, the other idle: both new frames go to the stopped one.
-        stop(stream_worker)
+        sigstop(stream_worker)
         probe.send(6)
         probe.send(7)
         wait_for(lambda: slots(service) == 2, "frames 6 and 7 to reach a worker")
@@ -263,13 +240,13 @@ def test_a_stream_sticks_to_one_worker(service, pool, stub, frame, body):
             assert r.status_code == 200, r.text
         # Frames sent before those requests are still in flight: they were not given to the idle worker.
         assert slots(service) == 2 and probe.inbox.empty()
-        resume(stream_worker)
+        sigcont(stream_worker)
         assert [probe.receive().frame_id for _ in range(2)] == [6, 7]
         for i in range(8, 11):
             probe.send(i)
             assert probe.receive().frame_id == i
     finally:
-        resume(p, q)
+        sigcont(p, q)
         probe.close()
     assert probe.inbox.get(timeout=30) == "end"
     wait_for(lambda: slots(service) == 0, "slots to be given back")
@@ -311,18 +288,18 @@ def test_one_worker_killed_while_the_other_serves(service, pool, body):
 
         wait_for(lambda: new_worker() is not None, "the replacement worker", every=0.02)
         replacement = new_worker()
-        stop(replacement)  # hold its start-up: the service runs on the survivor alone
+        sigstop(replacement)  # hold its start-up: the service runs on the survivor alone
         assert metric_value(service.metrics(), "seg_worker_restarts_total", device="cpu") == 1
         count = answered()
         wait_for(lambda: answered() >= count + 6, "requests answered by the survivor alone", timeout=120)
         assert httpx.get(f"{service.url}/readyz", timeout=10).status_code == 503
         assert httpx.get(f"{service.url}/healthz", timeout=10).status_code == 200
-        assert state(survivor) not in ("T", "t", "Z")
-        resume(replacement)
+        assert proc_state(survivor) not in ("T", "t", "Z")
+        sigcont(replacement)
         service.wait_ready(120)  # the replacement was held: readiness comes back only now
     finally:
         if replacement is not None:
-            resume(replacement)
+            sigcont(replacement)
         stop_load.set()
         for c in clients:
             c.result(timeout=300)
@@ -338,6 +315,6 @@ def test_one_worker_killed_while_the_other_serves(service, pool, body):
 
     # The replacement takes its share again: with both held, one request each, and each answered.
     waiting = one_request_each(service, pool, body, running=replacement, held=survivor)
-    resume(survivor)
+    sigcont(survivor)
     assert waiting.result(timeout=120).status_code == 200
     wait_for(lambda: slots(service) == 0 and metric_value(service.metrics(), "seg_queue_depth") == 0, "idle")

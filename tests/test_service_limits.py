@@ -11,16 +11,14 @@ import contextlib
 import io
 import os
 import signal
-import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.servicekit import FAST_ARGS, Service, metric_value
+from tests.servicekit import FAST_ARGS, Service, metric_value, service_metric, sigstop, wait_for
 
 SHM_BYTES = 1 << 20  # the smallest --shm-bytes
 SLOT = 512 * 1024  # what one 320x480 RGB frame takes (slots are 64 KiB-aligned)
@@ -71,34 +69,13 @@ def post(service, body: bytes) -> httpx.Response:
     return httpx.post(f"{service.url}/segment", content=body, headers={"Content-Type": "image/png"}, timeout=180)
 
 
-def metric(service, name: str, **labels) -> float:
-    return metric_value(service.metrics(), name, **labels)
-
-
-def wait_for(predicate, timeout: float = 30.0, every: float = 0.02) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(every)
-
-
-def sigstop(pid: int) -> None:
-    os.kill(pid, signal.SIGSTOP)
-
-    def stopped() -> bool:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat[stat.rindex(")") + 2] == "T"
-
-    wait_for(stopped, timeout=10, every=0.005)
-
-
 def assert_refused_for_memory(r: httpx.Response) -> None:
     assert r.status_code == 429, r.text
     assert r.json()["error"]["code"] == "queue_full" and int(r.headers["retry-after"]) >= 1
 
 
 def test_frames_over_the_budget_are_refused_with_429_until_memory_frees(service, frames):
-    before = metric(service, "seg_requests_rejected_total", reason="queue_full")
+    before = service_metric(service, "seg_requests_rejected_total", reason="queue_full")
     (worker,) = service.worker_pids()
     sigstop(worker)  # the frames sent stay in their slots
     with ThreadPoolExecutor(2) as pool:
@@ -106,19 +83,19 @@ def test_frames_over_the_budget_are_refused_with_429_until_memory_frees(service,
             held = []
             for n in (1, 2):
                 held.append(pool.submit(post, service, frames["large"]))
-                wait_for(lambda n=n: metric(service, "seg_shm_slots_in_use") == n)
-            assert metric(service, "seg_shm_bytes") == SHM_BYTES
-            assert metric(service, "seg_queue_depth") == 2  # the queue (16) has room: memory is what is short
+                wait_for(lambda n=n: service_metric(service, "seg_shm_slots_in_use") == n)
+            assert service_metric(service, "seg_shm_bytes") == SHM_BYTES
+            assert service_metric(service, "seg_queue_depth") == 2  # the queue (16) has room: memory is what is short
             assert_refused_for_memory(post(service, frames["large"]))
             assert_refused_for_memory(post(service, frames["small"]))  # no room for any frame
         finally:
             os.kill(worker, signal.SIGCONT)
         assert [f.result().status_code for f in held] == [200, 200]
-    assert metric(service, "seg_requests_rejected_total", reason="queue_full") - before == 2
-    assert metric(service, "seg_shm_slots_in_use") == 0
+    assert service_metric(service, "seg_requests_rejected_total", reason="queue_full") - before == 2
+    assert service_metric(service, "seg_shm_slots_in_use") == 0
     for size in ("large", "small", "large"):  # freed slots are reused, or unlinked to make room
         assert post(service, frames[size]).status_code == 200
-    assert metric(service, "seg_shm_bytes") <= SHM_BYTES
+    assert service_metric(service, "seg_shm_bytes") <= SHM_BYTES
 
 
 def test_frame_larger_than_the_whole_budget_is_too_large_not_retryable(service, photo):
@@ -126,7 +103,7 @@ def test_frame_larger_than_the_whole_budget_is_too_large_not_retryable(service, 
     r = post(service, big)
     assert r.status_code == 413 and r.json()["error"]["code"] == "too_large", r.text
     assert "retry-after" not in r.headers
-    assert metric(service, "seg_shm_slots_in_use") == 0
+    assert service_metric(service, "seg_shm_slots_in_use") == 0
 
 
 def test_concurrent_mixed_sizes_leak_no_slot_and_keep_labels_apart(service, frames):
@@ -135,7 +112,7 @@ def test_concurrent_mixed_sizes_leak_no_slot_and_keep_labels_apart(service, fram
         r = post(service, body)
         assert r.status_code == 200
         expected[size] = np.asarray(Image.open(io.BytesIO(r.content)))
-    before = metric(service, "seg_requests_rejected_total", reason="queue_full")
+    before = service_metric(service, "seg_requests_rejected_total", reason="queue_full")
     sizes = ["large", "medium", "small"] * 6
     with ThreadPoolExecutor(6) as pool:
         responses = list(pool.map(lambda size: post(service, frames[size]), sizes))

@@ -8,7 +8,6 @@ import io
 import json
 import shutil
 import subprocess
-import sys
 import time
 
 import grpc
@@ -18,39 +17,10 @@ import pytest
 from PIL import Image
 
 from service.client import GrpcSegmentationClient, SegmentationError
-from tests.servicekit import BISENET, FAST_ARGS, ROOT, Service, free_port
+from tests.servicekit import BISENET, FAST_ARGS, ROOT, Service, free_port, make_certificate, service_command
 
 pytestmark = pytest.mark.skipif(not shutil.which("openssl"), reason="needs the openssl command")
 H, W = 64, 128
-
-
-def make_certificate(folder, name: str) -> tuple[str, str]:
-    """A self-signed certificate for 127.0.0.1 and localhost: (cert.pem, key.pem) paths."""
-    cert, key = folder / f"{name}.pem", folder / f"{name}.key"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return str(cert), str(key)
 
 
 @pytest.fixture(scope="module")
@@ -186,27 +156,8 @@ def test_stream_cli_without_the_right_credentials_fails_cleanly(service, frames,
 
 # -- start-up --------------------------------------------------------------------------------------
 def start(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "service",
-            "--host",
-            "127.0.0.1",
-            "--http-port",
-            str(free_port()),
-            "--grpc-port",
-            str(free_port()),
-            "--model",
-            "bisenetv1_r18=random",
-            *FAST_ARGS,
-            *args,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    command = service_command(free_port(), free_port(), ["--model", "bisenetv1_r18=random", *FAST_ARGS, *args])
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
 def test_tls_cert_without_key_is_refused():
