@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
 
+from model.bench import cpu_name
 from model.training.augment import TrainTransform, random_crop_bbox, random_resize_size, resize_label
 
 # -- the window variant: OpenCV's INTER_LINEAR on uint8, bit-exact, for output pixels of one window --
@@ -90,16 +89,6 @@ def inputs(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
         label[height // 2 - height // 16 : height // 2 + height // 10, x + width // 40 : x + width // 10] = 13  # car
     label[-height // 16 :] = 255
     return np.ascontiguousarray(image), label
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def timed(fn, *args) -> tuple[float, object]:

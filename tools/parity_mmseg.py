@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -239,21 +238,12 @@ def time_side_by_side(mm_model, segmenter, image: np.ndarray, iters: int) -> dic
     }
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def run(archs: list[str], speed_iters: int, workdir: Path, speed_only: bool = False) -> dict:
     import mmengine
     import mmseg
 
     from model import Segmenter, build_model, load_checkpoint
+    from model.bench import cpu_name
 
     report: dict = {
         "versions": {"mmsegmentation": mmseg.__version__, "mmengine": mmengine.__version__, "torch": torch.__version__},
