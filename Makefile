@@ -52,7 +52,7 @@ clean:
 MMSEG_VENV ?= .venv-parity
 MMSEG_PY := $(MMSEG_VENV)/bin/python
 PARITY_TESTS ?= tests/test_mmseg_parity.py tests/test_train_mmseg_parity.py
-PARITY_PYTEST = BISENET_REQUIRE_MMSEG=1 $(MMSEG_PY) -m pytest -q -p no:cacheprovider $(PARITY_TESTS)
+PARITY_PYTEST = BISENET_REQUIRE_MMSEG=1 $(MMSEG_PY) -m pytest -q -p no:cacheprovider --disable-warnings $(PARITY_TESTS)
 
 .PHONY: parity
 
