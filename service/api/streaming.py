@@ -1,6 +1,6 @@
 """Per-stream state for StreamSegment: frame order, a bound on frames in flight, and the drop policy.
 
-Protocol-free (plain asyncio) so the policy can be tested on its own; grpc_api.py supplies the
+Protocol-free (plain asyncio) so the policy can be tested on its own; api/grpc.py supplies the
 frames and the function that serves one.
 
 - Frames are served by `process(frame)` in tasks, at most `max_in_flight` at once; a frame

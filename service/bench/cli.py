@@ -28,12 +28,12 @@ async def run(args) -> list[Level]:
     size = tuple(int(v) for v in args.size.lower().split("x"))
     body = sample_jpeg(size, args.image)
     if args.protocol == "grpc":
-        from . import grpc_load as bench_grpc
+        from . import grpc_load
 
-        async with bench_grpc.channel(args.grpc) as ch:
-            stub = bench_grpc.pb_grpc.SegmentationStub(ch)
-            make = bench_grpc.request_factory(body, "jpeg", args.format, args.model)
-            return await sweep(bench_grpc.unary_sender(stub, make, grpc_metadata(args)), args, "grpc")
+        async with grpc_load.channel(args.grpc) as ch:
+            stub = grpc_load.pb_grpc.SegmentationStub(ch)
+            make = grpc_load.request_factory(body, "jpeg", args.format, args.model)
+            return await sweep(grpc_load.unary_sender(stub, make, grpc_metadata(args)), args, "grpc")
     params = {"format": args.format, **({"model": args.model} if args.model else {})}
     headers = {"X-API-Key": args.api_key} if args.api_key else {}
     limits = httpx.Limits(max_connections=1024, max_keepalive_connections=1024)
@@ -47,24 +47,24 @@ def grpc_metadata(args) -> tuple:
 
 async def run_streams(args) -> tuple[list, int | None]:
     """Stream levels at --target-fps (--streams), then the capacity search (--capacity)."""
-    from . import grpc_load as bench_grpc
+    from . import grpc_load
 
     size = tuple(int(v) for v in args.size.lower().split("x"))
     budget = 1 / args.target_fps
-    async with bench_grpc.channel(args.grpc) as ch:
-        stub = bench_grpc.pb_grpc.SegmentationStub(ch)
-        make = bench_grpc.request_factory(sample_jpeg(size, args.image), args.stream_send, args.format, args.model)
+    async with grpc_load.channel(args.grpc) as ch:
+        stub = grpc_load.pb_grpc.SegmentationStub(ch)
+        make = grpc_load.request_factory(sample_jpeg(size, args.image), args.stream_send, args.format, args.model)
         meta = grpc_metadata(args)
-        await bench_grpc.stream_level(stub, make, 1, args.target_fps, 1.0, meta, args.policy)  # warm-up
+        await grpc_load.stream_level(stub, make, 1, args.target_fps, 1.0, meta, args.policy)  # warm-up
         levels = [
-            await bench_grpc.stream_level(stub, make, int(n), args.target_fps, args.seconds, meta, args.policy)
+            await grpc_load.stream_level(stub, make, int(n), args.target_fps, args.seconds, meta, args.policy)
             for n in args.streams.split(",")
             if n
         ]
         capacity = None
         if args.capacity:
             print(f"capacity search: streams at {args.target_fps:g} fps, {args.seconds:g} s per level", file=sys.stderr)
-            capacity, tried = await bench_grpc.capacity_search(
+            capacity, tried = await grpc_load.capacity_search(
                 stub,
                 make,
                 args.target_fps,

@@ -1,4 +1,4 @@
-"""gRPC load for service.bench: unary calls, paced video streams, and the stream capacity search.
+"""gRPC load for `bisenet bench service`: unary calls, paced video streams, and the stream capacity search.
 
 A stream sends frames at --target-fps (each stream starting at a random phase, as independent
 cameras would) and measures each frame's latency from handing it to gRPC to receiving its
