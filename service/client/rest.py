@@ -1,9 +1,9 @@
 """REST client for the segmentation service.
 
-    from service.client import SegmentationClient
-    with SegmentationClient("http://localhost:8000") as client:
-        result = client.segment("frame.jpg")          # path, bytes, HxWx3 uint8 array or PIL image
-        result.labels                                  # HxW uint8 train ids
+from service.client import SegmentationClient
+with SegmentationClient("http://localhost:8000") as client:
+    result = client.segment("frame.jpg")          # path, bytes, HxWx3 uint8 array or PIL image
+    result.labels                                  # HxW uint8 train ids
 """
 
 from __future__ import annotations
