@@ -68,7 +68,10 @@ def prepare_cityscapes(root: str | os.PathLike, workers: int | None = None, over
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bisenet prepare-cityscapes", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="bisenet prepare-cityscapes",
+        description="Write *_gtFine_labelTrainIds.png beside each Cityscapes *_gtFine_labelIds.png.",
+    )
     parser.add_argument("root", help="Cityscapes folder holding leftImg8bit/ and gtFine/")
     parser.add_argument("--workers", type=int, default=None, help="threads (default: up to 8)")
     parser.add_argument("--overwrite", action="store_true", help="rewrite existing labelTrainIds files")

@@ -80,7 +80,10 @@ async def run_streams(args) -> tuple[list, int | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bisenet bench service", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="bisenet bench service",
+        description="Load sweeps over REST or gRPC and paced gRPC streams, beside the raw engine measured in the same run.",
+    )
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--spawn", metavar="ARGS", help="start `bisenet serve ARGS` on free ports for the run")
     p.add_argument("--model", default=None, help="model to request (default: the service's first)")

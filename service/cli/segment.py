@@ -70,7 +70,11 @@ class RemoteSegmenter:
 
 
 def segment_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bisenet segment", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="bisenet segment",
+        description="Segment images in this process, or through a running service with --url; write the "
+        "label PNGs and overlays the service returns.",
+    )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG/PNG/WebP/BMP/TIFF files")
     p.add_argument("--url", default=os.environ.get("BISENET_URL"), help=URL_HELP)
     p.add_argument("--api-key", default=os.environ.get("BISENET_API_KEY"))

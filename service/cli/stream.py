@@ -21,7 +21,10 @@ from ..client.video import FrameSource, OverlaySink, blend, paced
 
 
 def main(argv: list[str] | None = None) -> int:
-    st = argparse.ArgumentParser(prog="bisenet stream", description=__doc__.split("\n")[0])
+    st = argparse.ArgumentParser(
+        prog="bisenet stream",
+        description="Stream a video file, a folder of images or a camera over gRPC (StreamSegment); live fps, latency and drops on stderr, a JSON summary on stdout.",
+    )
     st.add_argument("input", help="video file, folder of images, or camera index (0 = /dev/video0)")
     st.add_argument("--grpc", default=os.environ.get("BISENET_GRPC", "localhost:50051"), help="gRPC host:port")
     st.add_argument("--api-key", default=os.environ.get("BISENET_API_KEY"))
