@@ -119,8 +119,7 @@ class SegmentationService:
         """The caller went away mid-decode: give the slot back once the thread is done with it, and
         refresh the gauge (no later submit may come to do it). A cancelled task (pool shut down) holds none."""
         if not task.cancelled() and task.exception() is None:
-            self.dispatcher.slots.release(task.result()[1])
-            self.metrics.shm_slots.set(self.dispatcher.slots.in_use)
+            self.dispatcher.release_slot(task.result()[1])
 
     async def segment(
         self,
@@ -142,8 +141,7 @@ class SegmentationService:
             try:
                 future = self.dispatcher.submit(model, slot, image.shape[:2], deadline, link)
             except ServiceError:
-                self.dispatcher.slots.release(slot)
-                self.metrics.shm_slots.set(self.dispatcher.slots.in_use)
+                self.dispatcher.release_slot(slot)
                 raise
             timeout = (deadline - time.monotonic()) if deadline else DEFAULT_TIMEOUT
             try:

@@ -10,9 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import httpx
 
 from service.bench.processes import free_port, service_command, wait_http_ready
+from service.proto import segmentation_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 BISENET = str(Path(sys.executable).with_name("bisenet"))  # the installed console script
@@ -143,6 +145,14 @@ def held(*pids: int):
         yield
     finally:
         sigcont(*pids)
+
+
+@contextlib.contextmanager
+def segmentation_stub(target: str):
+    """A plaintext channel to the service's gRPC port, once connected, as a Segmentation stub."""
+    with grpc.insecure_channel(target) as channel:
+        grpc.channel_ready_future(channel).result(timeout=30)
+        yield pb_grpc.SegmentationStub(channel)
 
 
 def make_certificate(folder: Path, name: str = "service") -> tuple[str, str]:

@@ -15,8 +15,7 @@ import pytest
 
 from service.api.streaming import DEFAULT_MAX_IN_FLIGHT, MAX_IN_FLIGHT_LIMIT
 from service.proto import segmentation_pb2 as pb
-from service.proto import segmentation_pb2_grpc as pb_grpc
-from tests.servicekit import FAST_ARGS, Service, held, metric_value, wait_for_metrics
+from tests.servicekit import FAST_ARGS, Service, held, metric_value, segmentation_stub, wait_for_metrics
 
 H, W = 64, 128
 MODEL = "bisenetv1_r18"
@@ -33,9 +32,8 @@ def service(r18_checkpoint):
 
 @pytest.fixture(scope="module")
 def stub(service):
-    with grpc.insecure_channel(service.grpc_target) as channel:
-        grpc.channel_ready_future(channel).result(timeout=30)
-        yield pb_grpc.SegmentationStub(channel)
+    with segmentation_stub(service.grpc_target) as stub:
+        yield stub
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,7 @@ import pytest
 from PIL import Image
 
 from service.proto import segmentation_pb2 as pb
-from service.proto import segmentation_pb2_grpc as pb_grpc
-from tests.servicekit import FAST_ARGS, Service, metric_value, proc_state, sigcont, sigstop, wait_for
+from tests.servicekit import FAST_ARGS, Service, metric_value, proc_state, segmentation_stub, sigcont, sigstop, wait_for
 
 H, W = 64, 128
 
@@ -50,9 +49,8 @@ def pool():
 
 @pytest.fixture(scope="module")
 def stub(service):
-    with grpc.insecure_channel(service.grpc_target) as channel:
-        grpc.channel_ready_future(channel).result(timeout=30)
-        yield pb_grpc.SegmentationStub(channel)
+    with segmentation_stub(service.grpc_target) as stub:
+        yield stub
 
 
 @pytest.fixture(scope="module")

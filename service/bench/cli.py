@@ -20,13 +20,13 @@ import sys
 
 import httpx
 
+from ..config import parse_shape
 from .load import Level, print_table, raw_engine, rest_sender, sample_jpeg, sweep
 from .processes import free_port, spawn_service
 
 
 async def run(args) -> list[Level]:
-    size = tuple(int(v) for v in args.size.lower().split("x"))
-    body = sample_jpeg(size, args.image)
+    body = sample_jpeg(parse_shape(args.size), args.image)
     if args.protocol == "grpc":
         from . import grpc_load
 
@@ -49,11 +49,12 @@ async def run_streams(args) -> tuple[list, int | None]:
     """Stream levels at --target-fps (--streams), then the capacity search (--capacity)."""
     from . import grpc_load
 
-    size = tuple(int(v) for v in args.size.lower().split("x"))
     budget = 1 / args.target_fps
     async with grpc_load.channel(args.grpc) as ch:
         stub = grpc_load.pb_grpc.SegmentationStub(ch)
-        make = grpc_load.request_factory(sample_jpeg(size, args.image), args.stream_send, args.format, args.model)
+        make = grpc_load.request_factory(
+            sample_jpeg(parse_shape(args.size), args.image), args.stream_send, args.format, args.model
+        )
         meta = grpc_metadata(args)
         await grpc_load.stream_level(stub, make, 1, args.target_fps, 1.0, meta, args.policy)  # warm-up
         levels = [
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policy", choices=["latest", "block"], default="latest", help="stream drop policy")
     p.add_argument("--stream-send", choices=["raw", "jpeg"], default="raw", help="stream frames as raw RGB or JPEG")
     args = p.parse_args(argv)
-    size = tuple(int(v) for v in args.size.lower().split("x"))
+    size = parse_shape(args.size)
     proc = None
     uses_grpc = args.protocol == "grpc" or args.streams or args.capacity
     if args.spawn:
@@ -163,8 +164,7 @@ def resize_scale(args) -> tuple[int, int]:
         spawn = shlex.split(args.spawn)
         if "--resize-scale" in spawn:
             text = spawn[spawn.index("--resize-scale") + 1]
-    h, w = (int(v) for v in (text or "2048x1024").lower().split("x"))
-    return h, w
+    return parse_shape(text or "2048x1024")
 
 
 def _has_cuda() -> bool:

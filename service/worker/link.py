@@ -25,7 +25,7 @@ from .process import WorkerConfig, run_worker
 from .scheduler import Job
 from .shm import Slot, SlotPool
 
-log = logging.getLogger("service.dispatcher")
+log = logging.getLogger("service.worker.link")
 READY_TIMEOUT = 900.0  # model download + cuDNN autotune + graph capture on a cold GPU
 RESTART_BACKOFF = (0.5, 1, 2, 5, 10, 30)
 
@@ -327,9 +327,13 @@ class Dispatcher:
         self.metrics.inference.labels(p.job.model).observe(info["infer"])
         self.finish(p, Result(labels, p.job.model, timings, info["size"]))
 
-    def finish(self, p: Pending, result: Result | None = None, error: ServiceError | None = None) -> None:
-        self.slots.release(p.slot)
+    def release_slot(self, slot: Slot) -> None:
+        """Give a slot back to the pool and keep the gauge in step."""
+        self.slots.release(slot)
         self.metrics.shm_slots.set(self.slots.in_use)
+
+    def finish(self, p: Pending, result: Result | None = None, error: ServiceError | None = None) -> None:
+        self.release_slot(p.slot)
         if not p.future.done():
             if error is not None:
                 p.future.set_exception(error)

@@ -3,7 +3,7 @@
 The front end creates and owns every segment (so they are unlinked when it exits, even after a
 worker crash); the worker maps them by name. A slot holds one request: the front end writes the
 HxWx3 pixels, the worker overwrites the first HxW bytes with the labels once it has read them.
-Only small control tuples travel over the pipe (see worker.py for the message list).
+Only small control tuples travel over the pipe (see process.py for the message list).
 """
 
 from __future__ import annotations
