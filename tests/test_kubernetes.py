@@ -625,19 +625,72 @@ def test_every_hpa_metric_is_served_by_an_adapter_rule(target, rendered, yaml):
     assert {"seg_queue_depth", "seg_request_p99_budget_ratio"} <= set(names)
 
 
-def test_adapter_queries_parse(yaml, tmp_path):
+def need_promtool() -> str:
     promtool = shutil.which("promtool") or str(VENV_BIN / "promtool")
     if not Path(promtool).exists():
         ensure_tools()
     if not Path(promtool).exists():
         pytest.skip("promtool is not installed and tools/ensure_deploy_tools.sh could not install it")
-    rules = [
-        {"record": f"adapter:rule_{i}:check", "expr": adapter_query(r, "bisenet-serve", "p")}
-        for i, r in enumerate(adapter_rules(yaml))
+    return promtool
+
+
+def test_adapter_queries_give_each_pod_its_value(yaml, tmp_path):
+    """promtool unit test of the adapter queries, as the adapter sends them for two pods: a busy
+    one (queue of 5; p99 at 1.98 budgets) and an idle one, which must read 0, not NaN (an HPA that
+    cannot read a metric never scales down)."""
+    promtool = need_promtool()
+    rules = adapter_rules(yaml)
+    recorded = {r["name"]["as"]: f"adapter:{r['name']['as']}" for r in rules}
+    group = [
+        {"record": recorded[r["name"]["as"]], "expr": adapter_query(r, "bisenet-serve", "busy|idle")} for r in rules
     ]
-    path = tmp_path / "adapter_rules.yml"
-    path.write_text(yaml.safe_dump({"groups": [{"name": "adapter", "rules": rules}]}))
-    result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    (tmp_path / "adapter_rules.yml").write_text(yaml.safe_dump({"groups": [{"name": "adapter", "rules": group}]}))
+    ns = 'namespace="bisenet-serve"'
+    series = [
+        (f'seg_queue_depth{{{ns},pod="busy",model="a"}}', "3x10"),
+        (f'seg_queue_depth{{{ns},pod="busy",model="b"}}', "2x10"),
+        (f'seg_queue_depth{{{ns},pod="idle",model="a"}}', "0x10"),
+        ('seg_queue_depth{namespace="elsewhere",pod="busy",model="a"}', "9x10"),
+    ]
+    for pod in ("busy", "idle"):
+        series.append((f'seg_realtime_target_seconds{{{ns},pod="{pod}"}}', "0.05x10"))
+        # per minute: 50 requests under the 50 ms budget, 50 more under 100 ms (busy); none (idle)
+        for le, per_minute in (("0.05", 50), ("0.1", 100), ("+Inf", 100)):
+            rate = per_minute if pod == "busy" else 0
+            name = f'seg_request_duration_seconds_bucket{{{ns},pod="{pod}",model="a",protocol="http",code="200",le="{le}"}}'
+            series.append((name, f"0+{rate}x10"))
+    tests = {
+        "rule_files": ["adapter_rules.yml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [{"series": s, "values": v} for s, v in series],
+                "promql_expr_test": [
+                    {
+                        "expr": recorded["seg_queue_depth"],
+                        "eval_time": "10m",
+                        "exp_samples": [
+                            {"labels": f'{recorded["seg_queue_depth"]}{{pod="{p}"}}', "value": v}
+                            for p, v in (("busy", 5), ("idle", 0))
+                        ],
+                    },
+                    {
+                        "expr": recorded["seg_request_p99_budget_ratio"],
+                        "eval_time": "10m",
+                        "exp_samples": [
+                            {"labels": f'{recorded["seg_request_p99_budget_ratio"]}{{pod="{p}"}}', "value": v}
+                            for p, v in (("busy", 1.98), ("idle", 0))
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+    (tmp_path / "adapter_test.yml").write_text(yaml.safe_dump(tests))
+    result = subprocess.run(
+        [promtool, "test", "rules", "adapter_test.yml"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -735,7 +788,8 @@ def test_prometheus_evaluates_the_adapter_queries_against_a_live_service(live_se
     with run_until_stopped(cmd, dict(os.environ), tmp_path / "prometheus.log", base + "/-/ready", 60, 20):
         values = {}
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len(values) < len(adapter_rules(yaml)):
+        # until the rate window holds two scrapes with traffic (the ratio reads 0 before)
+        while time.monotonic() < deadline and not values.get("seg_request_p99_budget_ratio"):
             # traffic across several scrapes, so that rate() sees the counters grow
             httpx.post(live_service.url + "/segment", files={"image": ("a.jpg", image, "image/jpeg")}, timeout=60)
             for rule in adapter_rules(yaml):
