@@ -509,8 +509,6 @@ def test_an_overlay_with_a_bad_value_fails(case, kubectl, yaml, kv, tmp_path):
             {"name": "bisenet-serve-settings", "behavior": "merge", "literals": ["BISENET_MAX_BATCHES=4"]}
         ]
     (bad / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
-    # the copy of the shipped overlay is clean, the bad one is not
-    assert not check_all(kv, render(kubectl, yaml, tree / "overlays" / "gpu"))
     problems = check_all(kv, render(kubectl, yaml, bad))
     assert problems, f"{case}: accepted"
     assert any(re.search(expected, p) for p in problems), problems
@@ -663,20 +661,21 @@ def test_every_hpa_metric_is_served_by_an_adapter_rule(target, rendered, yaml):
     assert {"seg_queue_depth", "seg_request_p99_budget_ratio"} <= set(names)
 
 
-def need_promtool() -> str:
-    promtool = shutil.which("promtool") or str(VENV_BIN / "promtool")
-    if not Path(promtool).exists():
+def need_tool(name: str) -> str:
+    """promtool or prometheus: on PATH or in the virtual environment (installed when missing)."""
+    path = shutil.which(name) or str(VENV_BIN / name)
+    if not Path(path).exists():
         ensure_tools()
-    if not Path(promtool).exists():
-        pytest.skip("promtool is not installed and tools/ensure_deploy_tools.sh could not install it")
-    return promtool
+    if not Path(path).exists():
+        pytest.skip(f"{name} is not installed and tools/ensure_deploy_tools.sh could not install it")
+    return path
 
 
 def test_adapter_queries_give_each_pod_its_value(yaml, tmp_path):
     """promtool unit test of the adapter queries, as the adapter sends them for two pods: a busy
     one (queue of 5; p99 at 1.98 budgets) and an idle one, which must read 0, not NaN (an HPA that
     cannot read a metric never scales down)."""
-    promtool = need_promtool()
+    promtool = need_tool("promtool")
     rules = adapter_rules(yaml)
     recorded = {r["name"]["as"]: f"adapter:{r['name']['as']}" for r in rules}
     group = [
@@ -794,11 +793,7 @@ def test_probe_paths_answer_on_a_live_service(target, live_service, rendered):
 def test_prometheus_evaluates_the_adapter_queries_against_a_live_service(live_service, yaml, tmp_path):
     """A real Prometheus scrapes the live service with the labels the Prometheus Operator adds
     (namespace, pod); each adapter query, as the adapter sends it, returns one number for the pod."""
-    prometheus = shutil.which("prometheus") or str(VENV_BIN / "prometheus")
-    if not Path(prometheus).exists():
-        ensure_tools()
-    if not Path(prometheus).exists():
-        pytest.skip("prometheus is not installed and tools/ensure_deploy_tools.sh could not install it")
+    prometheus = need_tool("prometheus")
     port = free_port()
     config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
