@@ -435,6 +435,13 @@ def test_kserve_inference_service_is_a_v2_custom_predictor(rendered):
     assert {ep["port"] for ep in monitor["spec"]["podMetricsEndpoints"]} == {p["name"] for p in main["ports"]}
     # the ConfigMap keeps the name the InferenceService refers to
     one(docs, "ConfigMap", main["envFrom"][0]["configMapRef"]["name"])
+    # the same weights fetcher as the Deployment's (whose command runs in a test below), on the
+    # volume the service reads
+    fetch = predictor["initContainers"][0]
+    deployment_fetch = init_container(rendered["gpu"])[0]
+    assert fetch["name"] == "fetch-weights" and fetch["command"] == deployment_fetch
+    assert fetch["envFrom"] == main["envFrom"] and fetch["image"] == main["image"]
+    assert {m["name"] for m in fetch["volumeMounts"]} <= {m["name"] for m in main["volumeMounts"]}
 
 
 # ------------------------------------------------------------------------------------------------
