@@ -97,19 +97,28 @@ class Cluster:
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
         self.env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # set, it refuses the second node
         self.env.pop("RAY_ADDRESS", None)
+        # A replica that cannot start is retried once, not three times: the bad-weights test waits less.
+        self.env["RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT"] = "1"
+        self.metrics_ports: dict[str, int] = {}  # node ip -> its Ray metrics agent's Prometheus port
 
     def start(self) -> Cluster:
         common = ["--num-cpus", "2", "--resources", json.dumps({SLOT: 1}), "--object-store-memory", str(200 << 20)]
         common += ["--disable-usage-stats"]
 
-        def node_ports() -> list[str]:
-            return ["--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port())]
+        def node_ports(ip: str) -> list[str]:
+            self.metrics_ports[ip] = free_port()
+            return [
+                "--dashboard-agent-listen-port",
+                str(free_port()),
+                "--metrics-export-port",
+                str(self.metrics_ports[ip]),
+            ]
 
         head = ["--head", "--node-ip-address", HEAD_IP, "--port", str(self.port), "--temp-dir", self.temp_dir]
         head += ["--ray-client-server-port", str(free_port()), "--dashboard-port", str(free_port())]
         head += ["--include-dashboard=false"]
-        self._ray_start(head + common + node_ports())
-        self._ray_start(["--address", self.address, "--node-ip-address", NODE_IP] + common + node_ports())
+        self._ray_start(head + common + node_ports(HEAD_IP))
+        self._ray_start(["--address", self.address, "--node-ip-address", NODE_IP] + common + node_ports(NODE_IP))
         return self
 
     def _ray_start(self, args: list[str]) -> None:
@@ -140,8 +149,8 @@ class Cluster:
         return out
 
     def stop(self) -> None:
-        """SIGTERM every process of this cluster, SIGKILL what is left after 15 s."""
-        for sig, patience in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 10.0)):
+        """SIGTERM every process of this cluster, SIGKILL what is left after 8 s."""
+        for sig, patience in ((signal.SIGTERM, 8.0), (signal.SIGKILL, 10.0)):
             for pid in self.pids():
                 try:
                     os.kill(pid, sig)
@@ -250,7 +259,7 @@ def deployment(cluster):
         launcher.stop()
 
 
-# -- bad input (before the main deployment: Serve serves one application at "/") -------------------
+# -- bad input ------------------------------------------------------------------------------------
 def test_address_that_does_not_answer_fails_in_seconds():
     started = time.monotonic()
     done = subprocess.run(
@@ -269,16 +278,6 @@ def test_gpu_deployment_on_a_cluster_without_gpus_is_refused(cluster):
     launcher = Launcher(cluster, ["--model", "fast=random", "--device", "cuda", "--warm-shapes", "none"])
     assert launcher.wait_exit(60) == 2
     assert "need 1 GPU each but the cluster has 0" in launcher.output
-
-
-def test_weights_that_cannot_load_stop_the_launcher_with_the_reason(cluster, tmp_path):
-    bad = tmp_path / "broken.pth"
-    bad.write_bytes(b"this is not a checkpoint")
-    launcher = Launcher(cluster, ["--model", f"mine={bad}", *FAST_ARGS, "--ready-timeout", "150"])
-    code = launcher.wait_exit(170)
-    assert code == 1, launcher.output[-3000:]
-    assert "deployment failed" in launcher.output
-    assert "broken.pth" in launcher.output  # the replica's own error names the file
 
 
 # -- the deployment ---------------------------------------------------------------------------------
@@ -311,6 +310,20 @@ def test_same_rest_api_and_errors(deployment):
     assert metric_value(text, "seg_batch_size_count", model=MODEL) >= 1
     assert metric_value(text, "seg_inference_seconds_count", model=MODEL) >= 1
     assert metric_value(text, "seg_requests_rejected_total", reason="invalid_image") >= 1
+
+
+def test_replica_metrics_reach_each_nodes_prometheus_endpoint(cluster, deployment):
+    """The segmentation replicas' histograms, exported by the Ray metrics agent of the node they run on."""
+    body = png(PHOTOS["coffee"])
+    with ThreadPoolExecutor(6) as pool:  # more than one replica holds (--max-ongoing 2): both get some
+        assert {r.status_code for r in pool.map(lambda _: segment(deployment.url, body), range(6))} == {200}
+
+    def exported(ip: str) -> bool:
+        text = httpx.get(f"http://{ip}:{cluster.metrics_ports[ip]}/metrics", timeout=10).text
+        return metric_value(text, "ray_seg_inference_seconds_count", model=MODEL) >= 1
+
+    for ip in (HEAD_IP, NODE_IP):
+        wait_for(lambda ip=ip: exported(ip), f"ray_seg_inference_seconds on {ip}", timeout=40, every=1)
 
 
 def test_replicas_are_spread_over_both_nodes(cluster, deployment):
@@ -361,6 +374,7 @@ def test_killing_a_replica_under_load_loses_nothing(cluster, deployment):
         wait_for(lambda: statuses.count(200) >= 3, "the first answers", timeout=60)
         os.kill(victim, signal.SIGKILL)
         assert sum(f.result(timeout=120) for f in futures) == 24
+    print(f"replica killed under load: {statuses.count(200)} answered, {statuses.count(503)} retried 503s")
     assert set(statuses) <= {200, 503}, statuses
     assert statuses.count(503) <= 6
 
@@ -373,10 +387,25 @@ def test_killing_a_replica_under_load_loses_nothing(cluster, deployment):
     assert segment(deployment.url, body).status_code == 200
 
 
-def test_sigterm_undeploys_and_teardown_leaves_no_process(cluster, deployment):
+def test_sigterm_undeploys(cluster, deployment):
     assert deployment.stop() == 0
     assert "undeploying" in deployment.output
     wait_for(lambda: not cluster.replicas()[HEAD_IP] and not cluster.replicas()[NODE_IP], "replicas to stop", 30)
     assert _status(f"{deployment.url}/healthz") != 200
+
+
+# -- after the main deployment (Serve serves one application at "/") ----------------------------------
+def test_weights_that_cannot_load_stop_the_launcher_with_the_reason(cluster, tmp_path):
+    bad = tmp_path / "broken.pth"
+    bad.write_bytes(b"this is not a checkpoint")
+    launcher = Launcher(cluster, ["--model", f"mine={bad}", *FAST_ARGS, "--ready-timeout", "150"])
+    code = launcher.wait_exit(170)
+    assert code == 1, launcher.output[-3000:]
+    assert "deployment failed" in launcher.output
+    assert "broken.pth" in launcher.output  # the replica's own error names the file
+
+
+def test_teardown_leaves_no_process_of_this_cluster(cluster):
+    assert cluster.pids()
     cluster.stop()
     assert not cluster.pids(), [process_table().get(pid) for pid in cluster.pids()]

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import ray
+from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 
@@ -47,6 +48,7 @@ class RayBackedService:
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="codec")
         self.default_model = settings.models[0].name
         self.info: dict[str, dict] = {}  # model -> what a replica reported; absent until one answers
+        self.running: set[str] = set()  # models with at least one running replica, at the last poll
         self._poller: asyncio.Task | None = None
 
     # -- readiness: a background poll, since rest.py reads `ready` and `models_info()` synchronously --
@@ -61,17 +63,31 @@ class RayBackedService:
             await asyncio.sleep(POLL_SECONDS)
 
     async def refresh(self) -> None:
+        """Which models have a running replica (asked of Serve's controller, which costs the replicas
+        nothing), and each model's classes and palette (asked of a replica once: they never change)."""
+        try:
+            status = await asyncio.wait_for(asyncio.to_thread(serve.status), INFO_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 - no answer means no replica we can vouch for
+            log.info("Serve status unavailable: %s", exc)
+            self.running = set()
+            return
+        running = set()
         for name, handle in self.handles.items():
-            try:
-                self.info[name] = await asyncio.wait_for(handle.info.remote(), INFO_TIMEOUT)
-            except Exception as exc:  # noqa: BLE001 - any failure means not ready now
-                log.info("model %s not ready: %s", name, exc)
-                self.info.pop(name, None)
+            app = status.applications.get(handle.app_name)
+            deployment = app.deployments.get(handle.deployment_name) if app else None
+            if deployment and deployment.replica_states.get("RUNNING", 0) > 0:
+                running.add(name)
+            if name not in self.info and name in running:
+                try:
+                    self.info[name] = await asyncio.wait_for(handle.info.remote(), INFO_TIMEOUT)
+                except Exception as exc:  # noqa: BLE001 - asked again at the next poll
+                    log.info("model %s did not describe itself yet: %s", name, exc)
+        self.running = running
 
     @property
     def ready(self) -> bool:
         self.start_polling()
-        ready = all(name in self.info for name in self.handles)
+        ready = all(name in self.info and name in self.running for name in self.handles)
         self.metrics.ready.set(1 if ready else 0)
         return ready
 
@@ -100,9 +116,9 @@ class RayBackedService:
         return rgb, ray.put(rgb), decoded  # the pixels travel through the object store, as they are
 
     async def segment(self, model: str, protocol: str, *, data: bytes, deadline_ms: int | None = None) -> Served:
-        if model not in self.info:
+        if model not in self.info or model not in self.running:
             await self.refresh()  # the first request may come before the first poll
-        if model not in self.info:
+        if model not in self.info or model not in self.running:
             raise ServiceError("not_ready", f"model {model} has no running replica yet", retry_after=RETRY_AFTER)
         admitted = time.monotonic()
         deadline = admitted + deadline_ms / 1000 if deadline_ms else None
@@ -168,7 +184,7 @@ class RayBackedService:
                     "weights": spec.weights or (entry.url if entry else None),
                     "published_miou": entry.miou if entry else None,
                     "published_miou_ms_flip": entry.miou_ms_flip if entry else None,
-                    "ready": bool(info),
+                    "ready": bool(info) and spec.name in self.running,
                     "classes": info.get("classes", []),
                     "palette": info.get("palette", []),
                     "dtype": info.get("dtype"),

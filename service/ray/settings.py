@@ -98,11 +98,11 @@ def default_gpus(devices: tuple[str, ...]) -> float | None:
     """GPUs per replica implied by --device; None for 'auto' (decided from the cluster's resources)."""
     if devices == ("cpu",):
         return 0.0
-    if all(d.startswith("cuda") for d in devices):
+    if len(devices) == 1 and devices[0].startswith("cuda"):
         return 1.0
     if devices == ("auto",):
         return None
-    raise ConfigError(f"--device {','.join(devices)}: on Ray use cpu, cuda or auto (Ray assigns the GPU)")
+    raise ConfigError(f"--device {','.join(devices)}: on Ray use cpu, cuda or auto: Ray assigns each replica its GPU")
 
 
 def load(argv: list[str]) -> tuple[Settings, RaySettings, bool]:
