@@ -33,7 +33,8 @@ def test_config_file_args_become_the_same_flags():
 
 
 def test_builder_gives_an_ingress_and_a_deployment_per_model():
-    app = build_app({"model": ["fast=random", "accurate=random"], "device": "cpu", "replica-resources": "slot=1"})
+    args = {"model": ["fast=random", "accurate=random"], "device": "cpu", "replica-resources": "slot=1"}
+    app = build_app({**args, "max-replicas": 3})
     assert isinstance(app, Application)
     ingress = app._bound_deployment
     assert ingress.name == "ingress"
@@ -45,6 +46,8 @@ def test_builder_gives_an_ingress_and_a_deployment_per_model():
     segment = handles["bisenetv1_r18"]._bound_deployment
     assert segment.ray_actor_options["resources"] == {"slot": 1.0}
     assert segment._deployment_config.max_queued_requests == 64
+    scaling = segment._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 3, 2.0)
 
 
 @pytest.mark.parametrize(
@@ -66,3 +69,8 @@ def test_device_decides_gpus_per_replica():
     assert load(["--device", "cuda"])[1].num_gpus == 1.0
     assert load(["--device", "cuda", "--num-gpus", "0.5"])[1].num_gpus == 0.5
     assert load(["--device", "auto"])[2]  # auto: decided from the cluster's resources at launch
+
+
+def test_no_scaling_to_zero():
+    with pytest.raises(ConfigError, match="at least 1"):
+        load(["--model", "fast=random", "--min-replicas", "0"])

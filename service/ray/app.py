@@ -42,7 +42,6 @@ def deployment_name(model: str) -> str:
 def autoscaling(low: int, high: int, ray_settings: RaySettings) -> dict:
     return {
         "min_replicas": low,
-        "initial_replicas": max(low, 1),
         "max_replicas": high,
         "target_ongoing_requests": ray_settings.target_ongoing,
         "upscale_delay_s": 5,

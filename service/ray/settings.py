@@ -112,8 +112,10 @@ def load(argv: list[str]) -> tuple[Settings, RaySettings, bool]:
     gpus = (
         default_gpus(settings.devices) if ray_args.num_gpus is None else _number(ray_args.num_gpus, "num-gpus", float)
     )
-    min_replicas = _number(ray_args.min_replicas, "min-replicas", minimum=0)
-    max_replicas = _number(ray_args.max_replicas or max(min_replicas, 1), "max-replicas", minimum=1)
+    # At least one: the ingress answers 503 at once while a model has no running replica, so a
+    # deployment scaled to zero would never see the request that scales it back up.
+    min_replicas = _number(ray_args.min_replicas, "min-replicas", minimum=1)
+    max_replicas = _number(ray_args.max_replicas or min_replicas, "max-replicas", minimum=1)
     ingress_min = _number(ray_args.ingress_min_replicas, "ingress-min-replicas", minimum=1)
     ingress_max = _number(ray_args.ingress_max_replicas or ingress_min, "ingress-max-replicas", minimum=1)
     if max_replicas < min_replicas or ingress_max < ingress_min:
