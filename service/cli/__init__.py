@@ -64,6 +64,15 @@ def serve_main(argv: list[str]) -> int:
             from service.ray.__main__ import main as ray_main
 
             return ray_main(["--address", address, *rest] if address else rest)
+    if any(a in ("-h", "--help") for a in argv):
+        from service.config import build_parser
+
+        parser = build_parser()
+        parser.epilog = (
+            "--ray ADDRESS deploys the service on the Ray cluster at ADDRESS instead (docs/ray.md; "
+            "the Ray flags: python -m service.ray --help)."
+        )
+        parser.parse_args(argv)  # prints the help and exits 0
     from service.__main__ import main as serve
 
     return serve(argv)
