@@ -13,7 +13,7 @@ from .. import __version__
 
 # name -> (module, function, one line for `bisenet --help`)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "serve": ("service.__main__", "main", "start the service: REST, gRPC and the worker processes"),
+    "serve": ("service.cli", "serve_main", "start the service (REST, gRPC, workers), or deploy it on Ray with --ray"),
     "segment": ("service.cli.segment", "segment_main", "segment images, in this process or with a running service"),
     "stream": ("service.cli.stream", "main", "stream a video, image folder or camera over gRPC"),
     "models": ("service.cli.segment", "models_main", "list the model zoo, or the models a service serves"),
@@ -53,6 +53,29 @@ def dispatch(prog: str, commands: dict[str, tuple[str, str, str]], argv: list[st
     module, function, _ = commands[name]
     result = getattr(importlib.import_module(module), function)(rest)
     return int(result or 0)
+
+
+def serve_main(argv: list[str]) -> int:
+    """`bisenet serve`: this host's service, or with `--ray ADDRESS` the Ray Serve application."""
+    for i, arg in enumerate(argv):
+        if arg == "--ray" or arg.startswith("--ray="):
+            address = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            rest = argv[:i] + argv[i + (1 if "=" in arg else 2) :]
+            from service.ray.__main__ import main as ray_main
+
+            return ray_main(["--address", address, *rest] if address else rest)
+    if any(a in ("-h", "--help") for a in argv):
+        from service.config import build_parser
+
+        parser = build_parser()
+        parser.epilog = (
+            "--ray ADDRESS deploys the service on the Ray cluster at ADDRESS instead (docs/ray.md; "
+            "the Ray flags: python -m service.ray --help)."
+        )
+        parser.parse_args(argv)  # prints the help and exits 0
+    from service.__main__ import main as serve
+
+    return serve(argv)
 
 
 def bench_main(argv: list[str]) -> int:
