@@ -13,8 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ..config import Settings
 from ..core import SegmentationService
-from ..proto import segmentation_pb2_grpc as pb_grpc
-from .grpc import SERVICE_NAME, SegmentationServicer, message_limit
+from .grpc import SERVICE_NAME, SegmentationServicer, add_to_server, message_limit
 
 log = logging.getLogger("service.grpc")
 HEALTH_POLL_SECONDS = 0.25
@@ -83,7 +82,7 @@ async def start_grpc_server(service: SegmentationService, settings: Settings) ->
         ("grpc.keepalive_permit_without_calls", 1),
     ]
     server = grpc.aio.server(options=options)
-    pb_grpc.add_SegmentationServicer_to_server(SegmentationServicer(service, settings), server)
+    add_to_server(SegmentationServicer(service, settings), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
