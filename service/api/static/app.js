@@ -88,8 +88,8 @@ async function loadModels() {
     if (config.auto_model) select.append(new Option("auto (chosen by the service)", "auto"));
     for (const m of models.models) {
       state.palettes[m.name] = m.palette;
-      const miou = m.published_miou ? `, mIoU ${m.published_miou}` : "";
-      select.append(new Option(`${m.name} (${m.arch || "custom"}${miou})`, m.name, false, m.name === models.default));
+      const miou = m.published_miou ? ` (mIoU ${m.published_miou})` : "";
+      select.append(new Option(`${m.name}${miou}`, m.name, false, m.name === models.default));
     }
     const modes = config.accuracy_modes || [];
     $("tta-field").hidden = modes.length === 0;
@@ -97,7 +97,7 @@ async function loadModels() {
     for (const mode of modes) $("tta").append(new Option(mode, mode));
     const ready = models.models.every((m) => m.ready);
     $("service-status").textContent = ready
-      ? `Ready: ${models.models.length} model(s). Frame budget ${config.budget_ms.toFixed(1)} ms (${config.target_fps} fps).`
+      ? `Ready: ${models.models.length} model${models.models.length === 1 ? "" : "s"}. Frame budget ${config.budget_ms.toFixed(1)} ms (${config.target_fps} fps).`
       : "The models are still loading; requests wait or get 503 until they are ready.";
     $("forget-key").hidden = !apiKey();
   } catch (error) {
@@ -171,6 +171,7 @@ function showResult(result, name) {
 
 function percent(fraction) {
   const p = fraction * 100;
+  if (p > 0 && p < 0.1) return "<0.1%";
   return (p >= 10 ? p.toFixed(0) : p.toFixed(1)) + "%";
 }
 
@@ -187,16 +188,21 @@ function showClasses(classes, palette) {
     swatch.setAttribute("aria-hidden", "true");
     row.insertCell().append(swatch);
     row.insertCell().textContent = c.name;
-    const share = row.insertCell();
+    const share = document.createElement("div");
     share.className = "share";
+    const track = document.createElement("span");
+    track.className = "track";
+    track.setAttribute("aria-hidden", "true");
     const bar = document.createElement("span");
     bar.className = "bar";
     bar.style.width = Math.max(c.fraction * 100, 0.5) + "%";
     bar.style.background = swatch.style.background;
-    bar.setAttribute("aria-hidden", "true");
+    track.append(bar);
     const text = document.createElement("span");
+    text.className = "value";
     text.textContent = percent(c.fraction);
-    share.append(bar, text);
+    share.append(track, text);
+    row.insertCell().append(share);
   }
   $("classes-panel").hidden = false;
 }
