@@ -47,24 +47,19 @@ def mirrored(url: str) -> str:
 
 
 class DownloadProgress:
-    """Logs a download's progress every STEP of its size (every 50 MB when the size is unknown)."""
+    """Logs a download's progress at every tenth of its size (every 50 MB when the size is unknown)."""
 
-    STEP = 0.1
     UNKNOWN_STEP = 50 << 20
 
     def __init__(self, filename: str, size: int | None):
-        self.filename, self.size, self.done, self.next = filename, size, 0, 0.0
-        self.advance()
-
-    def advance(self) -> None:
-        self.next += self.size * self.STEP if self.size else self.UNKNOWN_STEP
+        self.filename, self.size, self.done, self.logged = filename, size, 0, 0
 
     def update(self, n: int) -> None:
         self.done += n
-        if self.done < self.next:
+        reached = self.done * 10 // self.size if self.size else self.done // self.UNKNOWN_STEP
+        if reached <= self.logged:
             return
-        while self.next <= self.done:
-            self.advance()
+        self.logged = reached
         if self.size:
             log.info("downloading %s: %.0f%% of %.0f MB", self.filename, 100 * self.done / self.size, self.size / 2**20)
         else:
