@@ -336,6 +336,8 @@ OPEN_ENDPOINTS = {
     ("GET", "/docs/oauth2-redirect"),
     ("GET", "/redoc"),
     ("GET", "/openapi.json"),
+    ("GET", "/"),  # the web page asks for the key itself
+    ("GET", "/web/config"),
 }
 KEYED_ENDPOINTS = {("POST", "/segment"), ("GET", "/models")}
 

@@ -28,6 +28,9 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
     "--disable-quic",
+    # a synthetic camera (a moving test pattern) that the page may use without asking
+    "--use-fake-device-for-media-stream",
+    "--use-fake-ui-for-media-stream",
 ]
 ARTIFACTS = ROOT / "test-artifacts"
 EXTERNAL_URL = re.compile(r"(https?:)?//[\w.-]+\.\w+/")
@@ -89,6 +92,11 @@ def photo_file(tmp_path, photo) -> Path:
     return path
 
 
+def share(text: str) -> float:
+    """A pixel share as the page writes it ('18%', '2.5%', '<0.1%') in percent."""
+    return 0.05 if text == "<0.1%" else float(text.rstrip("%"))
+
+
 def test_a_person_segments_a_photo_and_sees_overlay_classes_timings_and_errors(service, browser, photo_file, tmp_path):
     from playwright.sync_api import expect
 
@@ -121,7 +129,7 @@ def test_a_person_segments_a_photo_and_sees_overlay_classes_timings_and_errors(s
     names = [rows.nth(i).locator("td").nth(1).inner_text() for i in range(rows.count())]
     cityscapes = set(httpx.get(f"{service.url}/models", headers={"X-API-Key": API_KEY}).json()["models"][0]["classes"])
     assert set(names) <= cityscapes
-    shares = [float(rows.nth(i).locator("td").nth(2).inner_text().rstrip("%")) for i in range(rows.count())]
+    shares = [share(rows.nth(i).locator("td").nth(2).inner_text()) for i in range(rows.count())]
     assert shares == sorted(shares, reverse=True) and sum(shares) == pytest.approx(100, abs=1.5)
     assert "rgb(" in rows.nth(0).locator(".swatch").get_attribute("style")
 
@@ -160,6 +168,45 @@ def test_a_person_segments_a_photo_and_sees_overlay_classes_timings_and_errors(s
     assert page.get_attribute("#error", "role") == "alert"
     page.screenshot(path=str(ARTIFACTS / "web-page-error.png"), full_page=True)
     assert not [m for m in messages if "Content Security Policy" in m], messages
+    page.close()
+
+
+def open_with_key(browser, service):
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(service.url + "/")
+    page.evaluate(f"sessionStorage.setItem('bisenet-api-key', '{API_KEY}')")
+    page.reload()
+    page.locator("#model option").first.wait_for(state="attached", timeout=30_000)
+    return page
+
+
+def test_every_control_is_reached_with_the_tab_key(service, browser):
+    page = open_with_key(browser, service)
+    reached = []
+    for _ in range(12):
+        page.keyboard.press("Tab")
+        reached.append(page.evaluate("document.activeElement.id"))
+    for control in ("model", "file", "webcam", "opacity", "forget-key"):
+        assert control in reached, reached
+    assert reached.index("model") < reached.index("file") < reached.index("webcam") < reached.index("opacity")
+    page.close()
+
+
+def test_webcam_frames_are_sent_one_after_another(service, browser):
+    page = open_with_key(browser, service)
+    page.click("#webcam")
+    caption = page.locator("#caption")
+    caption.wait_for(state="visible", timeout=60_000)
+    expect_frames = re.compile(r"webcam frame ([3-9]|\d\d+):")
+    from playwright.sync_api import expect
+
+    expect(caption).to_have_text(expect_frames, timeout=90_000)
+    assert "frames/s from the webcam" in page.locator("#timing-summary").inner_text()
+    page.keyboard.press("Escape")  # stops the camera
+    expect(page.locator("#webcam")).to_be_visible()
+    stopped_at = caption.inner_text()
+    page.wait_for_timeout(1500)
+    assert caption.inner_text() == stopped_at  # no frame after the stop (one may have been in flight)
     page.close()
 
 
