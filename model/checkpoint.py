@@ -46,6 +46,26 @@ def mirrored(url: str) -> str:
     return mirror.rstrip("/") + "/" + url.rsplit("/", 1)[-1]
 
 
+class DownloadProgress:
+    """Logs a download's progress at every tenth of its size (every 50 MB when the size is unknown)."""
+
+    UNKNOWN_STEP = 50 << 20
+
+    def __init__(self, filename: str, size: int | None):
+        self.filename, self.size, self.done, self.logged = filename, size, 0, 0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        reached = self.done * 10 // self.size if self.size else self.done // self.UNKNOWN_STEP
+        if reached <= self.logged:
+            return
+        self.logged = reached
+        if self.size:
+            log.info("downloading %s: %.0f%% of %.0f MB", self.filename, 100 * self.done / self.size, self.size / 2**20)
+        else:
+            log.info("downloading %s: %.0f MB", self.filename, self.done / 2**20)
+
+
 def download(url: str, directory: Path | None = None, timeout: float = 60.0) -> Path:
     """Fetch `url` once into the cache and return the local path.
 
@@ -68,11 +88,14 @@ def download(url: str, directory: Path | None = None, timeout: float = 60.0) -> 
             log.info(
                 "downloading %s (%s) from %s", filename, f"{size / 2**20:.0f} MB" if size else "size unknown", source
             )
+            progress = DownloadProgress(filename, size)
             with tqdm(total=size, desc=filename, unit="B", unit_scale=True, disable=not sys.stderr.isatty()) as bar:
                 while chunk := src.read(1 << 20):
                     digest.update(chunk)
                     out.write(chunk)
                     bar.update(len(chunk))
+                    if bar.disable:  # no terminal (a container, a log collector): progress as log lines
+                        progress.update(len(chunk))
         if expected and not digest.hexdigest().startswith(expected.group(1)):
             raise CheckpointError(
                 f"{filename}: sha256 {digest.hexdigest()[:16]}... does not match the expected prefix "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 
 from model.checkpoint import CheckpointError
@@ -11,13 +10,14 @@ from model.checkpoint import CheckpointError
 from .config import ConfigError, load_settings
 from .core import fetch_weights
 from .errors import ServiceError
+from .logs import configure as configure_logging
 from .worker.link import resolve_devices
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(argv)
-        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        configure_logging(settings.log_level, settings.log_format)
         resolve_devices(settings.devices)  # a missing GPU stops start-up here, with a clear message
         weights = fetch_weights(settings)
     except (ConfigError, ServiceError, CheckpointError, ValueError, KeyError) as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import ssl
 from dataclasses import dataclass, field
 
 from model.zoo import ARCHS, ZOO
@@ -46,6 +47,7 @@ class Settings:
     api_key: str | None = None
     drain_seconds: float = 30.0
     log_level: str = "info"
+    log_format: str = "text"  # or json: one object per line, for log collectors
     decode_threads: int = field(default_factory=lambda: max(2, min(8, os.cpu_count() or 2)))
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -186,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="SIGTERM grace period for in-flight work [BISENET_DRAIN_SECONDS]",
     )
     p.add_argument("--log-level", default=_env("LOG_LEVEL", d.log_level), help="[BISENET_LOG_LEVEL]")
+    p.add_argument(
+        "--log-format",
+        default=_env("LOG_FORMAT", d.log_format),
+        help="text, or json (one object per line) for log collectors [BISENET_LOG_FORMAT]",
+    )
     p.add_argument("--tls-cert", default=_env("TLS_CERT", None), help="PEM certificate for gRPC TLS [BISENET_TLS_CERT]")
     p.add_argument("--tls-key", default=_env("TLS_KEY", None), help="PEM key for gRPC TLS [BISENET_TLS_KEY]")
     p.add_argument(
@@ -217,6 +224,23 @@ def parse_devices(text: str) -> tuple[str, ...]:
     return devices
 
 
+def check_tls_files(cert: str, key: str) -> None:
+    """Both PEM files readable and a matching pair, so a bad one stops start-up in one line."""
+    for flag, path in (("--tls-cert", cert), ("--tls-key", key)):
+        if not os.path.isfile(path):
+            raise ConfigError(f"bad {flag} {path!r}: no such file")
+        if not os.access(path, os.R_OK):
+            raise ConfigError(f"bad {flag} {path!r}: not readable")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key, password=lambda: b"")
+    except ssl.SSLError as exc:
+        reason = exc.reason or exc.strerror or "unreadable PEM"
+        raise ConfigError(
+            f"bad --tls-cert {cert!r} / --tls-key {key!r}: {reason.lower().replace('_', ' ')} "
+            "(expected a PEM certificate and its private key)"
+        ) from None
+
+
 def load_settings(argv: list[str] | None = None) -> Settings:
     args = build_parser().parse_args(argv)
     models = parse_models(args.model or [_env("MODELS", "bisenetv1_r18,bisenetv1_r50")])
@@ -233,8 +257,12 @@ def load_settings(argv: list[str] | None = None) -> Settings:
         raise ConfigError(f"bad --log-level {args.log_level!r}")
     if args.dtype not in ("auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16"):
         raise ConfigError(f"bad --dtype {args.dtype!r}: use auto, float32, float16 or bfloat16")
+    if args.log_format.lower() not in ("text", "json"):
+        raise ConfigError(f"bad --log-format {args.log_format!r}: use text or json")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
+    if args.tls_cert:
+        check_tls_files(args.tls_cert, args.tls_key)
     return Settings(
         models=models,
         devices=parse_devices(args.device),
@@ -255,6 +283,7 @@ def load_settings(argv: list[str] | None = None) -> Settings:
         api_key=args.api_key or None,
         drain_seconds=_number(args.drain_seconds, "drain-seconds", float, minimum=0),
         log_level=args.log_level.lower(),
+        log_format=args.log_format.lower(),
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         stream_idle_seconds=_number(args.stream_idle_seconds, "stream-idle-seconds", float, minimum=0),

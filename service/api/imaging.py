@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import warnings
 
 import numpy as np
@@ -53,11 +54,24 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ServiceError("too_large", f"image refused as a decompression bomb: {exc}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ServiceError("invalid_image", f"cannot decode image: {exc}") from None
+    except UnidentifiedImageError:
+        raise ServiceError(
+            "invalid_image", f"cannot decode image: {len(data)} bytes that are not a JPEG, PNG, WebP, BMP or TIFF file"
+        ) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ServiceError("invalid_image", f"cannot decode image: {describe(exc)}") from None
     if rgb.shape[0] == 0 or rgb.shape[1] == 0:
         raise ServiceError("invalid_image", "image has zero size")
     return rgb
+
+
+OBJECT_REPR = re.compile(r"\s*<[^<>]* (?:object )?at 0x[0-9a-fA-F]+>")
+
+
+def describe(exc: Exception) -> str:
+    """The decoder's complaint without Python object reprs (`<_io.BytesIO object at 0x7f...>`)."""
+    text = OBJECT_REPR.sub("", str(exc)).strip(" :")
+    return text or "corrupt or truncated data"
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:

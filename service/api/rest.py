@@ -13,36 +13,37 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..core import SegmentationService, Served
-from ..errors import ServiceError
+from ..errors import CODES, DESCRIPTIONS, ServiceError
 from . import imaging
 from .auth import api_key_from
-from .http_body import read_limited
+from .http_body import discard_body, read_limited
 from .v2_rest import add_v2_routes
+from .web import add_web_page
 
 MULTIPART_OVERHEAD = 64 * 1024
+# Starlette's own errors (unknown path, wrong method) under the service's codes
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 OUTPUT_MEDIA = {
     "png": "image/png",
     "overlay": "image/jpeg",
     "json": "application/json",
     "raw": "application/octet-stream",
 }
-ERROR_RESPONSES = {
-    status: {
-        "description": text,
-        "content": {"application/json": {"example": {"error": {"code": code, "message": "..."}}}},
-    }
-    for status, code, text in [
-        (400, "invalid_image", "The body is not a decodable image"),
-        (401, "unauthorized", "Missing or wrong API key"),
-        (404, "not_found", "Unknown model"),
-        (413, "too_large", "Body or image too large"),
-        (415, "unsupported_media_type", "Wrong or missing content type"),
-        (422, "bad_request", "Bad parameters"),
-        (429, "queue_full", "Overloaded; see Retry-After"),
-        (503, "not_ready", "Not ready, draining or restarting"),
-        (504, "deadline_exceeded", "The deadline passed"),
-    ]
-}
+
+
+def error_responses() -> dict:
+    """OpenAPI responses for every error code, grouped by HTTP status (503 has two codes)."""
+    responses: dict[int, dict] = {}
+    for code, (status, _, _) in CODES.items():
+        entry = responses.setdefault(status, {"description": "", "content": {"application/json": {"examples": {}}}})
+        text = DESCRIPTIONS.get(code, code)
+        entry["description"] = f"{entry['description']}; {text}" if entry["description"] else text
+        example = {"error": {"code": code, "message": "..."}}
+        entry["content"]["application/json"]["examples"][code] = {"summary": text, "value": example}
+    return dict(sorted(responses.items()))
+
+
+ERROR_RESPONSES = error_responses()
 SEGMENT_BODY = {
     "requestBody": {
         "required": True,
@@ -69,7 +70,10 @@ async def image_bytes(request: Request, limit: int) -> bytes:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         request._body = await read_limited(request, limit + MULTIPART_OVERHEAD)  # lets form() parse it
-        form = await request.form(max_files=1, max_fields=8)
+        try:
+            form = await request.form(max_files=1, max_fields=8)
+        except StarletteHTTPException as exc:  # starlette's multipart parser refuses the body
+            raise ServiceError("bad_request", f"malformed multipart body: {exc.detail}") from None
         upload = form.get("image")
         if upload is None or isinstance(upload, str):
             raise ServiceError("bad_request", "multipart body has no file field named 'image'")
@@ -111,12 +115,16 @@ def create_app(service: SegmentationService) -> FastAPI:
     async def on_validation_error(request: Request, exc: RequestValidationError):
         detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         service.count_rejection(ServiceError("bad_request", detail))
+        await discard_body(request, service.settings.max_image_bytes + MULTIPART_OVERHEAD)
         return JSONResponse({"error": {"code": "bad_request", "message": detail}}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code)
+        code = HTTP_CODES.get(exc.status_code, "bad_request" if exc.status_code < 500 else "internal")
+        await discard_body(request, service.settings.max_image_bytes + MULTIPART_OVERHEAD)
+        headers = getattr(exc, "headers", None)
+        body = {"error": {"code": code, "message": str(exc.detail)}}
+        return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
     @app.post(
         "/segment",
@@ -152,6 +160,8 @@ def create_app(service: SegmentationService) -> FastAPI:
         except ServiceError as exc:
             status = exc.http_status
             service.count_rejection(exc)
+            if exc.code != "too_large":  # a body over the limit is not read on
+                await discard_body(request, service.settings.max_image_bytes + MULTIPART_OVERHEAD)
             return error_response(exc)
         finally:
             metrics.in_flight.dec()
@@ -180,6 +190,7 @@ def create_app(service: SegmentationService) -> FastAPI:
         return JSONResponse({"ready": False, "error": {"code": "not_ready", "message": reason}}, status_code=503)
 
     add_v2_routes(app, service)
+    add_web_page(app, service)
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def prometheus_metrics():

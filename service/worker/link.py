@@ -227,6 +227,7 @@ class Dispatcher:
                 warm_shapes=s.warm_shapes,
                 resize_scale=s.resize_scale,
                 log_level=s.log_level,
+                log_format=s.log_format,
             )
             link = WorkerLink(device, config, self)
             self.links.append(link)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..logs import Step
+from ..logs import configure as configure_logging
 from .scheduler import BatchScheduler, Job
 from .shm import SlotMaps
 
@@ -37,6 +39,13 @@ class WorkerConfig:
     warm_shapes: tuple[tuple[int, int], ...]
     resize_scale: tuple[int, int] = (2048, 1024)
     log_level: str = "info"
+    log_format: str = "text"
+
+
+def warm_buckets(buckets: tuple[int, ...], cuda_graphs: bool) -> tuple[int, ...]:
+    """Batch sizes to warm: each bucket needs its own CUDA graph; on the CPU one batch size warms
+    the kernels and allocator as well as all of them would, in a fraction of the time."""
+    return tuple(buckets) if cuda_graphs else tuple(buckets[:1])
 
 
 def _die_with_parent() -> None:
@@ -72,16 +81,23 @@ class Worker:
         info = {"device": self.config.device, "models": {}}
         for name, weights in self.config.models:
             torch.manual_seed(0)  # 'random' weights are the same in every worker and restart
-            seg = Segmenter(
-                name,
-                weights=weights,
-                device=self.config.device,
-                dtype=self.config.dtype,
-                buckets=self.config.buckets,
-                scale=self.config.resize_scale,
-            )
+            with Step(log, "load", "model %s (%s) on %s", name, weights, self.config.device):
+                seg = Segmenter(
+                    name,
+                    weights=weights,
+                    device=self.config.device,
+                    dtype=self.config.dtype,
+                    buckets=self.config.buckets,
+                    scale=self.config.resize_scale,
+                )
             start = time.perf_counter()
-            seg.engine.warmup(list(self.config.warm_shapes) or [(64, 64)], self.config.buckets)
+            buckets = warm_buckets(self.config.buckets, seg.engine.cuda_graphs)
+            if self.config.warm_shapes:
+                step = "capture" if seg.engine.cuda_graphs else "warm"
+                with Step(log, step, "model %s, shapes %s, batch sizes %s", name, self.config.warm_shapes, buckets):
+                    seg.engine.warmup(list(self.config.warm_shapes), buckets)
+            else:
+                log.info("warm: model %s skipped (--warm-shapes none)", name)
             self.models[name] = seg
             info["models"][name] = {
                 "arch": seg.arch,
@@ -187,7 +203,7 @@ def run_worker(conn, config: WorkerConfig) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front end decides when we stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s worker[%(process)d] %(message)s")
+    configure_logging(config.log_level, config.log_format)
     worker = Worker(conn, config)
     try:
         info = worker.load()
