@@ -11,14 +11,15 @@
 # --dry-run prints the steps (STEP<TAB>name<TAB>timeout<TAB>command) without running them.
 # The machine needs no network: the packages the GPU image lacks are installed from
 # .gpu-wheels/, which tools/prefetch_gpu_wheels.sh fills beforehand. Each step has its own
-# timeout; a failed step is reported and the next one runs; steps that would start after
-# --budget seconds (default 480) are skipped. The report goes to --report (default
+# timeout, cut to what is left of --budget seconds (default 450, at least 30 per step), and steps
+# that would start after it are skipped: the whole run stays under 8 minutes. A failed step is
+# reported and the next one runs. The report goes to --report (default
 # $OUT/gpu_check_report.md when $OUT is set, else ./gpu_check_report.md).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 DRY_RUN=0
-BUDGET=480
+BUDGET=450
 PY=${PYTHON:-python3}
 REPORT=${OUT:+$OUT/}gpu_check_report.md
 WHEELS=.gpu-wheels
@@ -29,7 +30,7 @@ while [ $# -gt 0 ]; do
     --report) REPORT=$2; shift 2 ;;
     --budget) BUDGET=$2; shift 2 ;;
     --python) PY=$2; shift 2 ;;
-    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -89,9 +90,13 @@ for i in "${!NAMES[@]}"; do
     SUMMARY+="| $name | skipped (budget of ${BUDGET}s spent) | - |"$'\n'
     continue
   fi
-  echo "== $name (${TIMEOUTS[$i]}s at most)" >&2
+  limit=${TIMEOUTS[$i]}
+  left=$((BUDGET - elapsed))
+  [ "$left" -lt 30 ] && left=30
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "== $name (${limit}s at most)" >&2
   t0=$SECONDS
-  output=$(timeout --kill-after=10 "${TIMEOUTS[$i]}" bash -c "${COMMANDS[$i]}" 2>&1)
+  output=$(timeout --kill-after=10 "$limit" bash -c "${COMMANDS[$i]}" 2>&1)
   rc=$?
   status=ok
   [ $rc = 124 ] && status="timed out"
