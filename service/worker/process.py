@@ -66,12 +66,19 @@ class _Running:
 
 class PinnedSlotMaps(SlotMaps):
     """Slot maps page-locked for the GPU (cudaHostRegister) when first mapped, so the copies in
-    and out are DMA straight from and to shared memory."""
+    and out are DMA straight from and to shared memory.
+
+    With pinning, `forget` (called by the receive thread) only notes the name: unregistering is a
+    CUDA call, which must not run while the run thread captures a graph, so the run thread does
+    it in `release_forgotten()` between batches.
+    """
 
     def __init__(self, pin: bool):
         super().__init__()
         self.pin = pin
         self._pinned: dict[str, np.ndarray] = {}
+        self._forgotten: list[str] = []
+        self._lock = threading.Lock()
 
     def view(self, name: str, nbytes: int) -> np.ndarray:
         new = name not in self._maps
@@ -85,13 +92,25 @@ class PinnedSlotMaps(SlotMaps):
         return arr
 
     def forget(self, name: str) -> None:
-        whole = self._pinned.pop(name, None)
-        if whole is not None:
-            from model.pipeline import unregister_host
+        if not self.pin:
+            super().forget(name)
+            return
+        with self._lock:
+            self._forgotten.append(name)
 
-            unregister_host(whole)
-            del whole
-        super().forget(name)
+    def release_forgotten(self) -> None:
+        if not self.pin:
+            return
+        with self._lock:
+            names, self._forgotten = self._forgotten, []
+        for name in names:
+            whole = self._pinned.pop(name, None)
+            if whole is not None:
+                from model.pipeline import unregister_host
+
+                unregister_host(whole)
+                del whole
+            super().forget(name)
 
 
 def _die_with_parent() -> None:
@@ -180,6 +199,7 @@ class Worker:
 
     def run_loop(self) -> None:
         while True:
+            idle = False
             with self.cond:
                 now = time.monotonic()
                 expired = self.scheduler.expire(now)
@@ -187,10 +207,18 @@ class Worker:
                 if batch is None and not expired and not self.running:
                     if self.stopping and not len(self.scheduler):
                         return
-                    if not len(self.scheduler) and self.capture_when_idle():
+                    if len(self.scheduler):  # requests wait for their batch to fill
+                        self.cond.wait(timeout=wait)
                         continue
-                    self.cond.wait(timeout=wait)
-                    continue
+                    idle = True
+            if idle:
+                # Nothing queued or in flight: capture a queued shape, outside the lock so that
+                # arriving requests are queued (and stop the capture between buckets).
+                if not self.capture_when_idle():
+                    with self.cond:
+                        if not len(self.scheduler) and not self.stopping:
+                            self.cond.wait()
+                continue
             if expired:
                 self.send("expired", [j.id for j in expired])
             if batch:
@@ -205,6 +233,7 @@ class Worker:
         def request_waiting() -> bool:
             return bool(len(self.scheduler)) or self.stopping
 
+        self.maps.release_forgotten()
         for seg in self.models.values():
             try:
                 if seg.engine.capture_pending(should_stop=request_waiting):
@@ -226,6 +255,7 @@ class Worker:
     def start_batch(self, batch: list[Job]) -> None:
         ids = [j.id for j in batch]
         self.send("running", ids)
+        self.maps.release_forgotten()  # the front end forgets only slots that hold no request
         start = time.monotonic()
         try:
             engine = self.models[batch[0].model].engine
