@@ -21,6 +21,7 @@ import contextlib
 import copy
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -108,14 +109,33 @@ class DeviceResources:
     pipeline: HostDevicePipeline
     stream: "torch.cuda.Stream | None" = None  # compute, warm-up and capture all on this one
     pool: object = None
-    inputs: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # static graph inputs
+    inputs: dict[tuple[int, int, int], torch.Tensor] = field(default_factory=dict)  # static graph inputs
+    users: dict[tuple[int, int, int], set[int]] = field(default_factory=dict)  # engines with graphs on each
 
-    def static_input(self, shape: tuple[int, int], max_bucket: int) -> torch.Tensor:
-        buf = self.inputs.get(shape)
-        if buf is None or buf.shape[0] < max_bucket:
+    def static_input(self, shape: tuple[int, int], max_bucket: int, user: int) -> torch.Tensor:
+        """The (max_bucket, H, W, 3) input graphs of this shape read; never replaced while used,
+        since captured graphs keep reading its address (engines with other buckets get their own)."""
+        key = (*shape, max_bucket)
+        buf = self.inputs.get(key)
+        if buf is None:
             buf = torch.zeros((max_bucket, *shape, 3), dtype=torch.uint8, device=self.device)
-            self.inputs[shape] = buf
+            self.inputs[key] = buf
+        self.users.setdefault(key, set()).add(user)
         return buf
+
+    def release_input(self, shape: tuple[int, int], max_bucket: int, user: int) -> None:
+        """`user` dropped its graphs of `shape`: free the input once no engine's graphs read it."""
+        key = (*shape, max_bucket)
+        users = self.users.get(key, set())
+        users.discard(user)
+        if not users:
+            self.users.pop(key, None)
+            self.inputs.pop(key, None)
+
+    def release_user(self, user: int) -> None:
+        """An engine is gone: release every input it used."""
+        for key in [k for k, users in self.users.items() if user in users]:
+            self.release_input(key[:2], key[2], user)
 
 
 _RESOURCES: dict[torch.device, DeviceResources] = {}
@@ -177,6 +197,7 @@ class SegmentationEngine:
             torch.cuda.set_device(self.device)  # graph replay and copies use the current device's stream
             torch.backends.cudnn.benchmark = True
         self.resources = device_resources(self.device)
+        weakref.finalize(self, self.resources.release_user, id(self))
 
     # -- the computation ---------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -215,7 +236,7 @@ class SegmentationEngine:
         if self.cuda_graphs:
             if self.policy.route(key) and n <= self.buckets[-1] and key in self._graphs:
                 entry = self._graphs[key][self.bucket_for(n)]
-                self.resources.static_input(key, self.buckets[-1])[:n].copy_(images)
+                self.resources.static_input(key, self.buckets[-1], id(self))[:n].copy_(images)
                 entry.graph.replay()
                 self.replays += 1
                 return entry.output[:n]
@@ -291,7 +312,7 @@ class SegmentationEngine:
             return False
         start = time.perf_counter()
         graphs = self._graphs.setdefault(shape, {})
-        static = self.resources.static_input(shape, self.buckets[-1])
+        static = self.resources.static_input(shape, self.buckets[-1], id(self))
         try:
             for bucket in sorted(self.buckets, reverse=True):
                 if bucket in graphs:
@@ -302,7 +323,7 @@ class SegmentationEngine:
         except Exception as exc:
             if fatal_device_error(exc):
                 raise
-            self._graphs.pop(shape, None)
+            self._drop_graphs(shape)
             self.policy.capture_failed(shape, f"{type(exc).__name__}: {exc}")
             self.capture_failures += 1
             log.warning("CUDA graph capture for %dx%d failed, that shape runs eagerly: %s", *shape, exc)
@@ -310,10 +331,14 @@ class SegmentationEngine:
         finally:
             self.capture_seconds += time.perf_counter() - start
         for evicted in self.policy.captured(shape, warm=warm):
-            self._graphs.pop(evicted, None)
+            self._drop_graphs(evicted)
             log.info("evicted the CUDA graphs of %dx%d (lazy shapes are bounded)", *evicted)
         log.info("captured CUDA graphs for %dx%d %s in %.1fs", *shape, self.buckets, time.perf_counter() - start)
         return True
+
+    def _drop_graphs(self, shape: tuple[int, int]) -> None:
+        self._graphs.pop(shape, None)
+        self.resources.release_input(shape, self.buckets[-1], id(self))
 
     def _capture_one(self, static_in: torch.Tensor) -> _Graph:
         if self.resources.pool is None:

@@ -5,6 +5,8 @@ torch.cuda.CUDAGraph (it replays the eager pipeline), so the engine's own logic 
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 import torch
@@ -274,6 +276,33 @@ def test_context_poisoning_error_during_capture_is_raised(net, monkeypatch, crop
     monkeypatch.setattr(engine, "_capture_one", poisoned)
     with pytest.raises(RuntimeError, match="illegal memory access"):
         engine.warmup([crops[0].shape[:2]])
+
+
+def test_evicted_and_failed_shapes_free_their_static_inputs(net, monkeypatch, crops):
+    engine, _ = graph_engine(net, monkeypatch, lazy_after=1, max_lazy_shapes=1)
+    engine.capture_inline = False
+    first, second = crops[0].shape[:2], crops[2].shape[:2]
+    engine.segment(crops[0][None])
+    assert engine.capture_pending()
+    users = engine.resources.users
+    assert id(engine) in users[(*first, 4)]
+    engine.segment(crops[2][None])
+    assert engine.capture_pending()  # the second lazy shape evicts the first
+    assert [(g["height"], g["width"]) for g in engine.stats["graphs"]] == [second]
+    assert id(engine) not in users.get((*first, 4), set()) and id(engine) in users[(*second, 4)]
+    failing, _ = graph_engine(net, monkeypatch, fail_at=1)
+    failing.warmup([crops[1].shape[:2]])
+    assert id(failing) not in users.get((*crops[1].shape[:2], 4), set())
+
+
+def test_an_engine_that_is_gone_releases_its_static_inputs(net):
+    engine = SegmentationEngine(net, "cpu", buckets=(1, 2), scale=SMALL)
+    resources, gone = engine.resources, id(engine)
+    resources.static_input((12, 34), 2, gone)  # what a capture of 12x34 registers
+    assert gone in resources.users[(12, 34, 2)]
+    del engine
+    gc.collect()
+    assert (12, 34, 2) not in resources.users and (12, 34, 2) not in resources.inputs
 
 
 def test_models_on_one_device_share_its_resources(net):
