@@ -5,10 +5,11 @@ Every row times the same work, the on-device inference path the service runs: a 
 -> argmax -> uint8 labels on the device (frames are at the network size, as Cityscapes frames
 are, so there is no input resize). Rows, cumulative from the top:
 
-  eager         fp32, batch 1, BN as separate layers: how mmsegmentation measures its fps column
-  fold          + BatchNorm folded into the convolutions
+  eager         fp32, batch 1, BN as separate layers, NCHW-contiguous input: how mmsegmentation
+                measures its fps column
+  fold          + BatchNorm folded into the convolutions (still NCHW)
   channels_last + NHWC memory format
-  fp16, bf16    + reduced precision (CUDA only)
+  fp16, bf16    + reduced precision (CUDA; bf16 also on CPUs with native bf16, as autocast)
   graphs        + the whole path captured once as a CUDA graph and replayed (CUDA only, fp16)
   batch         + batches of --batches (graphs fp16 on CUDA; the faster fp32 layout on the CPU)
   compile       torch.compile of the plain network (fp16 channels_last on CUDA, fp32 on the CPU),
@@ -38,6 +39,8 @@ import torch
 from torch import nn
 
 from .bisenet import build_model
+from .devices import cpu_has_native_bf16, resolve_device
+from .graph_policy import CaptureLimits
 from .runtime import SegmentationEngine, fold_batchnorm
 from .transforms import logits_to_labels, normalise
 
@@ -65,9 +68,8 @@ def make_pipeline(net: nn.Module, dtype: torch.dtype, channels_last: bool) -> Ca
 
     def run(images: torch.Tensor) -> torch.Tensor:
         size = tuple(images.shape[1:3])
-        x = normalise(images, size, dtype)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = normalise(images, size, dtype)  # comes back with channels_last strides
+        x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         return logits_to_labels(net(x), size, size)
 
     return run
@@ -164,7 +166,10 @@ class Bench:
             if dtype_name not in want:
                 continue
             if not self.cuda:
-                skip(f"+ {dtype_name}", 1, dtype_name, "CUDA only")
+                if dtype_name == "bf16" and cpu_has_native_bf16():
+                    add("+ bf16 (autocast)", 1, "bf16", lambda: self.cpu_bf16(cl_net)(one))
+                else:
+                    skip(f"+ {dtype_name}", 1, dtype_name, "CUDA only" if dtype_name == "fp16" else "no native bf16")
                 continue
             half[dtype_name] = fold_batchnorm(plain).to(dev, dtype).to(memory_format=torch.channels_last)
             add(f"+ {dtype_name}", 1, dtype_name, lambda n=half[dtype_name], d=dtype: make_pipeline(n, d, True)(one))
@@ -200,11 +205,13 @@ class Bench:
             rows += self.compile_rows(short, plain, frames)
         if "engine" in want:
             host = frames.cpu().numpy()
-            engine = SegmentationEngine(plain, dev, scale=(max(a.height, a.width), min(a.height, a.width)))
-            for n in sorted({1, max(a.batches)}):
+            sizes = tuple(sorted({1, max(a.batches)}))
+            scale = (max(a.height, a.width), min(a.height, a.width))
+            engine = SegmentationEngine(plain, dev, buckets=sizes, scale=scale)
+            if engine.cuda_graphs:
+                engine.warmup([(a.height, a.width)])
+            for n in sizes:
                 batch_np = np.ascontiguousarray(host[:n])
-                if engine.cuda_graphs:
-                    engine.warmup([(a.height, a.width)], buckets=(engine.bucket_for(n),))
                 add(
                     "engine.segment (host->host)",
                     n,
@@ -213,6 +220,17 @@ class Bench:
                     note="graphs" if engine.cuda_graphs else "eager",
                 )
         return rows
+
+    @staticmethod
+    def cpu_bf16(net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The fp32 channels_last pipeline with the network under CPU bf16 autocast (as the engine)."""
+        pipeline = make_pipeline(net, torch.float32, True)
+
+        def run(images: torch.Tensor) -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return pipeline(images)
+
+        return run
 
     def compile_rows(self, short: str, plain: nn.Module, frames: torch.Tensor) -> list[Row]:
         a = self.args
@@ -296,8 +314,10 @@ def agreement(models: list[str], device: torch.device) -> None:
         configs |= {
             "fp16": {"dtype": "fp16", "cuda_graphs": False},
             "bf16": {"dtype": "bf16", "cuda_graphs": False},
-            "fp16+graphs": {"dtype": "fp16", "cuda_graphs": True, "lazy_capture_after": 1},
+            "fp16+graphs": {"dtype": "fp16", "cuda_graphs": True, "buckets": (1,)},
         }
+    elif cpu_has_native_bf16():
+        configs["bf16 (autocast)"] = {"dtype": "bf16"}
     print("| model | configuration | " + " | ".join(photos) + " |")
     print("|" + "---|" * (2 + len(photos)))
     for name in models:
@@ -305,7 +325,9 @@ def agreement(models: list[str], device: torch.device) -> None:
         ref_engine = SegmentationEngine(net, device, "fp32", fold_bn=False, cuda_graphs=False, channels_last=False)
         refs = {k: ref_engine.segment(im[None]) for k, im in photos.items()}
         for label, options in configs.items():
-            engine = SegmentationEngine(net, device, **options)
+            engine = SegmentationEngine(net, device, capture_limits=CaptureLimits(max_lazy_shapes=0), **options)
+            if engine.cuda_graphs:  # captured up front, so the labels compared are the replayed ones
+                engine.warmup(sorted({im.shape[:2] for im in photos.values()}))
             cells = [f"{100 * float((engine.segment(im[None]) == refs[k]).mean()):.3f}%" for k, im in photos.items()]
             print(f"| {name.replace('bisenetv1_', '').upper()} | {label} | " + " | ".join(cells) + " |", flush=True)
 
@@ -366,7 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    device = torch.device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        print(f"bisenet bench model: {exc}", file=sys.stderr)
+        return 2
     cuda = device.type == "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)

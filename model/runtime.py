@@ -1,27 +1,39 @@
 """Inference runtime: the whole uint8-image -> uint8-labels path, optimised.
 
 `SegmentationEngine` folds BatchNorm into the convolutions, runs under `torch.inference_mode`,
-uses channels_last and fp16/bf16 on CUDA, and on CUDA replays one CUDA graph per
-(batch bucket, H, W) that covers resize, normalisation, the network, the two logits resizes and
-the argmax. Batches are padded up to the next bucket; graphs share one memory pool and are
-captured (after eager warm-up on the same side stream) for warm shapes up front and lazily for
-shapes seen repeatedly. On the CPU the same object runs eagerly.
+uses channels_last and fp16/bf16 on CUDA (bf16 autocast on CPUs with native bf16), and on CUDA
+replays one CUDA graph per (batch bucket, H, W) that covers resize, normalisation, the network,
+the two logits resizes and the argmax. Batches are padded up to the next bucket. Which shapes get
+graphs, and when, is decided by `graph_policy.CapturePolicy`; host<->device copies go through
+`pipeline.HostDevicePipeline`. Everything per device (graph pool, static inputs, streams, the
+pipeline) lives in one `DeviceResources` shared by every model of the process: batches never
+overlap, so they need one copy only. On the CPU the same object runs eagerly through the same
+pipeline code.
+
+Logits are turned into labels one image at a time, so only one image's full-resolution fp32
+logits exist at once (19 x H x W x 4 bytes: 160 MB at 1024x2048), never a whole batch's.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import copy
 import logging
 import time
-from collections import Counter, OrderedDict
-from dataclasses import dataclass
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .device_errors import fatal_device_error
+from .devices import check_cpu_bf16, resolve_device
+from .graph_policy import CaptureLimits, CapturePolicy
+from .pipeline import HostDevicePipeline
 from .transforms import TEST_SCALE, logits_to_labels, normalise, test_size
 
 log = logging.getLogger(__name__)
@@ -38,7 +50,8 @@ DTYPES = {
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """None/'auto' -> fp16 on CUDA, fp32 on CPU. Reduced precision is refused on the CPU."""
+    """None/'auto' -> fp16 on CUDA, fp32 on CPU. On the CPU float16 falls back to float32 (with a
+    warning) and bfloat16 is allowed only where the CPU computes it natively (else ValueError)."""
     if isinstance(dtype, torch.dtype):
         resolved = dtype
     elif dtype in (None, "auto"):
@@ -47,8 +60,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         resolved = DTYPES[dtype]
     else:
         raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
-    if device.type != "cuda" and resolved != torch.float32:
-        log.warning("%s requested on %s: reduced precision is CUDA-only, using float32", resolved, device)
+    if device.type != "cuda" and resolved == torch.bfloat16:
+        check_cpu_bf16()
+    elif device.type != "cuda" and resolved != torch.float32:
+        log.warning("%s requested on %s: float16 is CUDA-only, using float32", resolved, device)
         resolved = torch.float32
     return resolved
 
@@ -83,20 +98,64 @@ def _conv_before(bn_name: str, siblings: dict[str, nn.Module]) -> str | None:
 class _Graph:
     graph: "torch.cuda.CUDAGraph"
     output: torch.Tensor  # (bucket, H, W) uint8, lives in the shared pool
+    nbytes: int  # pool growth when it was captured (later, smaller buckets reuse the largest's memory)
 
 
-class _ShapeBuffers:
-    """Per (H, W): one static device input at the largest bucket (graphs use slices of it), and
-    pinned host staging for the copies in and out."""
+@dataclass
+class DeviceResources:
+    """Per device, shared by every engine (model) of the process: batches never overlap."""
 
-    def __init__(self, max_bucket: int, height: int, width: int, device: torch.device):
-        self.input = torch.zeros((max_bucket, height, width, 3), dtype=torch.uint8, device=device)
-        self.host_in = torch.empty((max_bucket, height, width, 3), dtype=torch.uint8).pin_memory()
-        self.host_out = torch.empty((max_bucket, height, width), dtype=torch.uint8).pin_memory()
+    device: torch.device
+    pipeline: HostDevicePipeline
+    stream: "torch.cuda.Stream | None" = None  # compute, warm-up and capture all on this one
+    pool: object = None
+    inputs: dict[tuple[int, int, int], torch.Tensor] = field(default_factory=dict)  # static graph inputs
+    users: dict[tuple[int, int, int], set[int]] = field(default_factory=dict)  # engines with graphs on each
+
+    def static_input(self, shape: tuple[int, int], max_bucket: int, user: int) -> torch.Tensor:
+        """The (max_bucket, H, W, 3) input graphs of this shape read; never replaced while used,
+        since captured graphs keep reading its address (engines with other buckets get their own)."""
+        key = (*shape, max_bucket)
+        buf = self.inputs.get(key)
+        if buf is None:
+            buf = torch.zeros((max_bucket, *shape, 3), dtype=torch.uint8, device=self.device)
+            self.inputs[key] = buf
+        self.users.setdefault(key, set()).add(user)
+        return buf
+
+    def release_input(self, shape: tuple[int, int], max_bucket: int, user: int) -> None:
+        """`user` dropped its graphs of `shape`: free the input once no engine's graphs read it."""
+        key = (*shape, max_bucket)
+        users = self.users.get(key, set())
+        users.discard(user)
+        if not users:
+            self.users.pop(key, None)
+            self.inputs.pop(key, None)
+
+    def release_user(self, user: int) -> None:
+        """An engine is gone: release every input it used."""
+        for key in [k for k, users in self.users.items() if user in users]:
+            self.release_input(key[:2], key[2], user)
+
+
+_RESOURCES: dict[torch.device, DeviceResources] = {}
+
+
+def device_resources(device: torch.device) -> DeviceResources:
+    res = _RESOURCES.get(device)
+    if res is None:
+        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        res = DeviceResources(device, HostDevicePipeline(device, stream), stream)
+        _RESOURCES[device] = res
+    return res
 
 
 class SegmentationEngine:
-    """uint8 (N, H, W, 3) RGB batches in, uint8 (N, H, W) train ids out, on one device."""
+    """uint8 (N, H, W, 3) RGB batches in, uint8 (N, H, W) train ids out, on one device.
+
+    `capture_inline=True` (the Python API) captures queued shapes right after the batch that
+    queued them; the service passes False and calls `capture_pending()` when its queue is empty.
+    """
 
     def __init__(
         self,
@@ -108,21 +167,23 @@ class SegmentationEngine:
         channels_last: bool | None = None,
         cuda_graphs: bool | None = None,
         buckets: tuple[int, ...] = DEFAULT_BUCKETS,
-        max_graph_shapes: int = 8,
-        lazy_capture_after: int = 3,
+        capture_limits: CaptureLimits | None = None,
+        capture_inline: bool = True,
         scale: tuple[int, int] = TEST_SCALE,
     ):
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         on_cuda = self.device.type == "cuda"
-        self.channels_last = on_cuda if channels_last is None else channels_last
+        # bf16 on the CPU: fp32 weights under autocast (convs in bf16, the rest fp32).
+        self.cpu_autocast = not on_cuda and self.dtype == torch.bfloat16
+        self.channels_last = (on_cuda or self.cpu_autocast) if channels_last is None else channels_last
         self.cuda_graphs = on_cuda if cuda_graphs is None else (cuda_graphs and on_cuda)
         self.buckets = tuple(sorted(set(buckets)))
-        self.max_graph_shapes = max_graph_shapes
-        self.lazy_capture_after = lazy_capture_after
+        self.policy = CapturePolicy(capture_limits)
+        self.capture_inline = capture_inline
         self.scale = tuple(scale)  # mmseg Resize scale: long edge <= max, short edge <= min
         net = fold_batchnorm(net) if fold_bn else copy.deepcopy(net).eval()
-        net = net.to(self.device, self.dtype)
+        net = net.to(self.device, torch.float32 if self.cpu_autocast else self.dtype)
         if self.channels_last:
             net = net.to(memory_format=torch.channels_last)
         self.net = net
@@ -130,60 +191,84 @@ class SegmentationEngine:
         self.replays = 0
         self.misses = 0
         self.capture_seconds = 0.0
-        self._graphs: OrderedDict[tuple[int, int], dict[int, _Graph]] = OrderedDict()
-        self._buffers: dict[tuple[int, int], _ShapeBuffers] = {}
-        self._shape_hits: Counter[tuple[int, int]] = Counter()
-        self._pool = None
-        self._stream = None
+        self.capture_failures = 0
+        self._graphs: dict[tuple[int, int], dict[int, _Graph]] = {}
         if on_cuda:
             torch.cuda.set_device(self.device)  # graph replay and copies use the current device's stream
             torch.backends.cudnn.benchmark = True
-            self._stream = torch.cuda.Stream(self.device)
+        self.resources = device_resources(self.device)
+        weakref.finalize(self, self.resources.release_user, id(self))
 
     # -- the computation ---------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.cpu_autocast:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def _pipeline(self, images: torch.Tensor) -> torch.Tensor:
         height, width = images.shape[1:3]
         size = test_size(height, width, self.scale)
-        x = normalise(images, size, self.dtype)
+        x = normalise(images, size, torch.float32 if self.cpu_autocast else self.dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return logits_to_labels(self.net(x), size, (height, width))
+        with self._autocast():
+            logits = self.net(x)
+        labels = torch.empty((images.shape[0], height, width), dtype=torch.uint8, device=images.device)
+        for i in range(images.shape[0]):  # one image's full-resolution fp32 logits at a time
+            labels[i] = logits_to_labels(logits[i : i + 1], size, (height, width))[0]
+        return labels
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Decode-head logits for a uint8 NHWC batch (eager; for parity checks and TTA)."""
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast():
             size = test_size(*images.shape[1:3], self.scale)
-            return self.net(normalise(images.to(self.device), size, self.dtype)).float()
+            x = normalise(images.to(self.device), size, torch.float32 if self.cpu_autocast else self.dtype)
+            return self.net(x).float()
+
+    def run_device(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W, 3) on the device -> uint8 (N, H, W) labels on the device.
+
+        Replays a graph when the shape has them; otherwise runs eagerly (counted as a miss while
+        graphs are on) and lets the policy queue the shape for a later capture.
+        """
+        n, height, width = images.shape[:3]
+        key = (int(height), int(width))
+        if self.cuda_graphs:
+            if self.policy.route(key) and n <= self.buckets[-1] and key in self._graphs:
+                entry = self._graphs[key][self.bucket_for(n)]
+                self.resources.static_input(key, self.buckets[-1], id(self))[:n].copy_(images)
+                entry.graph.replay()
+                self.replays += 1
+                return entry.output[:n]
+            self.misses += 1
+        with torch.inference_mode():
+            return self._pipeline(images)
 
     # -- public API --------------------------------------------------------------------------
     def segment(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
         """Labels for a same-shape uint8 batch (N, H, W, 3); returns a numpy (N, H, W) uint8 array."""
         if images.ndim != 4 or images.shape[3] != 3:
             raise ValueError(f"expected a uint8 batch (N, H, W, 3), got shape {tuple(images.shape)}")
-        n, height, width = images.shape[:3]
-        if self.cuda_graphs and n <= self.buckets[-1]:
-            key = (height, width)
-            self._shape_hits[key] += 1
-            if key not in self._graphs and self._shape_hits[key] >= self.lazy_capture_after:
-                self.capture([key], buckets=(self.bucket_for(n),))
-            bucket = self.bucket_for(n)
-            if key in self._graphs and bucket in self._graphs[key]:
-                self._graphs.move_to_end(key)
-                return self._replay(key, bucket, images)
-            self.misses += 1
-        if isinstance(images, np.ndarray) and not images.flags.writeable:
-            images = images.copy()  # torch refuses to wrap read-only memory (e.g. np.asarray of a PIL image)
-        tensor = torch.as_tensor(images)
-        with torch.inference_mode():
-            return self._pipeline(tensor.to(self.device, non_blocking=True)).cpu().numpy()
+        if isinstance(images, torch.Tensor):
+            images = images.cpu().numpy()
+        labels = np.empty(images.shape[:3], np.uint8)
+        self.submit(list(images), list(labels)).wait()
+        if self.capture_inline:
+            self.capture_pending()
+        return labels
+
+    def submit(self, inputs: list[np.ndarray], outputs: list[np.ndarray]):
+        """Start one batch (per-image host arrays in and out); returns a handle to `wait()` on."""
+        return self.resources.pipeline.submit(self.run_device, inputs, outputs)
 
     def bucket_for(self, n: int) -> int:
         return self.buckets[min(bisect.bisect_left(self.buckets, n), len(self.buckets) - 1)]
 
     def warmup(self, shapes: list[tuple[int, int]], buckets: tuple[int, ...] | None = None) -> None:
-        """Run (CPU) or capture (CUDA) every bucket for each shape, so first requests are fast."""
+        """Capture (CUDA) or run (CPU) every bucket for each shape, so first requests are fast."""
         if self.cuda_graphs:
-            self.capture(shapes, buckets)
+            for shape in shapes:
+                self.capture_shape((int(shape[0]), int(shape[1])), warm=True)
             return
         for height, width in shapes:
             for n in buckets or (1,):
@@ -194,34 +279,72 @@ class SegmentationEngine:
         return {
             "graph_replays": self.replays,
             "graph_misses": self.misses,
-            "graphs": [{"height": h, "width": w, "buckets": sorted(graphs)} for (h, w), graphs in self._graphs.items()],
+            "graphs": [
+                {
+                    "height": h,
+                    "width": w,
+                    "warm": (h, w) in self.policy.warm,
+                    "buckets": sorted(graphs),
+                    "bytes": {str(b): g.nbytes for b, g in sorted(graphs.items())},
+                }
+                for (h, w), graphs in self._graphs.items()
+                if self.policy.is_captured((h, w))
+            ],
             "capture_seconds": round(self.capture_seconds, 3),
+            "capture_failures": self.capture_failures,
         }
 
     # -- CUDA graphs -------------------------------------------------------------------------
-    def capture(self, shapes: list[tuple[int, int]], buckets: tuple[int, ...] | None = None) -> None:
-        """Capture graphs for (bucket, H, W), largest bucket first so smaller ones reuse the pool."""
+    def capture_pending(self, should_stop: Callable[[], bool] | None = None) -> bool:
+        """Capture the next queued shape (between batches); True when one was captured."""
+        shape = self.policy.next_queued() if self.cuda_graphs else None
+        return shape is not None and self.capture_shape(shape, warm=False, should_stop=should_stop)
+
+    def capture_shape(self, shape: tuple[int, int], warm: bool, should_stop: Callable[[], bool] | None = None) -> bool:
+        """Capture every bucket of `shape`, largest first so smaller ones reuse the pool.
+
+        `should_stop` is asked between buckets (the worker: "has a request arrived?"); what was
+        captured is kept and the rest follows at the next idle moment. A failed capture (out of
+        memory...) leaves the shape eager for good, with a log line; errors that poison the CUDA
+        context are re-raised for the worker to exit on.
+        """
         if not self.cuda_graphs:
-            return
+            return False
         start = time.perf_counter()
-        for key in shapes:
-            key = (int(key[0]), int(key[1]))
-            while key not in self._graphs and len(self._graphs) >= self.max_graph_shapes:
-                self._evict_oldest()
-            if key not in self._buffers:
-                self._buffers[key] = _ShapeBuffers(self.buckets[-1], *key, self.device)
-            graphs = self._graphs.setdefault(key, {})
-            for bucket in sorted(buckets or self.buckets, reverse=True):
-                if bucket not in graphs:
-                    graphs[bucket] = self._capture_one(self._buffers[key].input[:bucket])
-        torch.cuda.synchronize(self.device)
-        self.capture_seconds += time.perf_counter() - start
-        log.info("captured CUDA graphs for %s in %.1fs", shapes, time.perf_counter() - start)
+        graphs = self._graphs.setdefault(shape, {})
+        static = self.resources.static_input(shape, self.buckets[-1], id(self))
+        try:
+            for bucket in sorted(self.buckets, reverse=True):
+                if bucket in graphs:
+                    continue
+                if should_stop is not None and should_stop():
+                    return False
+                graphs[bucket] = self._capture_one(static[:bucket])
+        except Exception as exc:
+            if fatal_device_error(exc):
+                raise
+            self._drop_graphs(shape)
+            self.policy.capture_failed(shape, f"{type(exc).__name__}: {exc}")
+            self.capture_failures += 1
+            log.warning("CUDA graph capture for %dx%d failed, that shape runs eagerly: %s", *shape, exc)
+            return False
+        finally:
+            self.capture_seconds += time.perf_counter() - start
+        for evicted in self.policy.captured(shape, warm=warm):
+            self._drop_graphs(evicted)
+            log.info("evicted the CUDA graphs of %dx%d (lazy shapes are bounded)", *evicted)
+        log.info("captured CUDA graphs for %dx%d %s in %.1fs", *shape, self.buckets, time.perf_counter() - start)
+        return True
+
+    def _drop_graphs(self, shape: tuple[int, int]) -> None:
+        self._graphs.pop(shape, None)
+        self.resources.release_input(shape, self.buckets[-1], id(self))
 
     def _capture_one(self, static_in: torch.Tensor) -> _Graph:
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        stream = self._stream
+        if self.resources.pool is None:
+            self.resources.pool = torch.cuda.graph_pool_handle()
+        stream = self.resources.stream
+        reserved = torch.cuda.memory_reserved(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.inference_mode():
             # Warm up on the capture stream: cudnn.benchmark autotunes and allocates workspaces
@@ -231,27 +354,9 @@ class SegmentationEngine:
                     self._pipeline(static_in)
             stream.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, stream=stream):
+            with torch.cuda.graph(graph, pool=self.resources.pool, stream=stream):
                 output = self._pipeline(static_in)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph.replay()  # replay once so a broken graph fails at start-up, not on a request
-        return _Graph(graph, output)
-
-    def _replay(self, key: tuple[int, int], bucket: int, images) -> np.ndarray:
-        n = images.shape[0]
-        buffers = self._buffers[key]
-        host_in = buffers.host_in[:n]
-        host_in.copy_(torch.as_tensor(images))
-        buffers.input[:n].copy_(host_in, non_blocking=True)
-        entry = self._graphs[key][bucket]
-        entry.graph.replay()
-        out = buffers.host_out[:n]
-        out.copy_(entry.output[:n], non_blocking=True)
-        torch.cuda.current_stream(self.device).synchronize()
-        self.replays += 1
-        return out.numpy().copy()
-
-    def _evict_oldest(self) -> None:
-        key, _ = self._graphs.popitem(last=False)
-        self._buffers.pop(key, None)
-        log.info("evicted CUDA graphs for %s (cache holds %d shapes)", key, self.max_graph_shapes)
+        with torch.cuda.stream(stream):
+            graph.replay()  # replay once so a broken graph fails at capture, not on a request
+        stream.synchronize()
+        return _Graph(graph, output, max(0, torch.cuda.memory_reserved(self.device) - reserved))

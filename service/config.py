@@ -8,6 +8,7 @@ import re
 import ssl
 from dataclasses import dataclass, field
 
+from model.graph_policy import validate_buckets
 from model.zoo import ARCHS, ZOO
 
 ALIASES = {"fast": "bisenetv1_r18", "accurate": "bisenetv1_r50"}
@@ -37,6 +38,8 @@ class Settings:
     max_delay_ms: float = 5.0
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8)
     warm_shapes: tuple[tuple[int, int], ...] = ((1024, 2048),)
+    lazy_capture_shapes: int = 4  # shapes beyond the warm ones that may get CUDA graphs
+    lazy_capture_pixels: int = 1024 * 2048  # H * W above which a shape never gets lazy graphs
     resize_scale: tuple[int, int] = (2048, 1024)
     target_fps: float = 30.0
     max_queue: int = 64
@@ -145,6 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="HxW shapes captured/warmed before ready, comma-separated; 'none' for none [BISENET_WARM_SHAPES]",
     )
     p.add_argument(
+        "--lazy-capture-shapes",
+        default=_env("LAZY_CAPTURE_SHAPES", d.lazy_capture_shapes),
+        help="CUDA graphs for at most this many non-warm shapes, captured while idle; 0: none "
+        "[BISENET_LAZY_CAPTURE_SHAPES]",
+    )
+    p.add_argument(
+        "--lazy-capture-pixels",
+        default=_env("LAZY_CAPTURE_PIXELS", d.lazy_capture_pixels),
+        help="largest H*W of a lazily captured shape [BISENET_LAZY_CAPTURE_PIXELS]",
+    )
+    p.add_argument(
         "--resize-scale",
         default=_env("RESIZE_SCALE", "2048x1024"),
         help="test-time resize as mmseg's Resize(scale): long edge to at most the larger number, short "
@@ -249,8 +263,10 @@ def load_settings(argv: list[str] | None = None) -> Settings:
         buckets = _int_list(args.batch_buckets, "--batch-buckets")
     else:
         buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64) if b < max_batch) + (max_batch,)
-    if buckets[-1] < max_batch:
-        raise ConfigError(f"--batch-buckets {buckets} must reach --max-batch {max_batch}")
+    try:
+        buckets = validate_buckets(buckets, max_batch)
+    except ValueError as exc:
+        raise ConfigError(f"--batch-buckets: {exc} (--max-batch {max_batch})") from None
     warm = args.warm_shapes.strip().lower()
     warm_shapes = () if warm in ("", "none") else tuple(parse_shape(s) for s in warm.split(","))
     if args.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
@@ -271,8 +287,10 @@ def load_settings(argv: list[str] | None = None) -> Settings:
         grpc_port=_number(args.grpc_port, "grpc-port", minimum=0),
         max_batch=max_batch,
         max_delay_ms=_number(args.max_delay_ms, "max-delay-ms", float, minimum=0),
-        batch_buckets=tuple(b for b in buckets if b <= max_batch),
+        batch_buckets=buckets,
         warm_shapes=warm_shapes,
+        lazy_capture_shapes=_number(args.lazy_capture_shapes, "lazy-capture-shapes", minimum=0),
+        lazy_capture_pixels=_number(args.lazy_capture_pixels, "lazy-capture-pixels", minimum=1),
         resize_scale=parse_shape(args.resize_scale),
         target_fps=_number(args.target_fps, "target-fps", float, minimum=0.1),
         max_queue=_number(args.max_queue, "max-queue", minimum=1),

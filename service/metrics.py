@@ -64,7 +64,10 @@ class Metrics:
             "seg_cuda_graph_misses", "Batches run eagerly although graphs are enabled", ["model"], registry=r
         )
         self.worker_restarts = Counter(
-            "seg_worker_restarts", "Worker processes restarted after dying", ["device"], registry=r
+            "seg_worker_restarts",
+            "Worker processes restarted after dying, by reason: crashed, or the device error that ended it",
+            ["device", "reason"],
+            registry=r,
         )
         self.device_memory = Gauge(
             "seg_device_memory_bytes", "Device memory held by the worker", ["device", "kind"], registry=r
@@ -86,7 +89,7 @@ class Metrics:
                 self.over_budget.labels(model, protocol)
             self.queue_depth.labels(model).set(0)
         for device in devices:
-            self.worker_restarts.labels(device)
+            self.worker_restarts.labels(device, "crashed")
         for reason in reasons:
             self.rejected.labels(reason)
 

@@ -10,6 +10,7 @@ from conftest import gpu
 from PIL import Image
 
 from model import Segmenter, transforms
+from model.graph_policy import CaptureLimits
 from model.runtime import SegmentationEngine, fold_batchnorm, resolve_dtype
 from model.transforms import as_rgb_uint8, logits_to_labels, normalise
 
@@ -159,7 +160,7 @@ def test_cuda_graph_replay_equals_eager(net, crops):
     graphs = SegmentationEngine(net, "cuda", "fp32", cuda_graphs=True, buckets=(1, 2, 4), scale=SMALL)
     shape = crops[0].shape[:2]
     graphs.warmup([shape])
-    assert graphs.stats["graphs"] == [{"height": shape[0], "width": shape[1], "buckets": [1, 2, 4]}]
+    assert [(g["height"], g["width"], g["buckets"]) for g in graphs.stats["graphs"]] == [(*shape, [1, 2, 4])]
     rng = np.random.default_rng(0)
     for n in (1, 3, 4, 2):  # 3 is padded to the bucket of 4
         batch = np.stack([np.roll(crops[0], int(s), axis=1) for s in rng.integers(0, 128, n)])
@@ -168,19 +169,23 @@ def test_cuda_graph_replay_equals_eager(net, crops):
         assert graphs.replays == before + 1 and out.shape == (n, *shape)
         assert (out == eager.segment(batch)).mean() >= 0.999
     assert graphs.misses == 0 and graphs.bucket_for(3) == 4 and graphs.bucket_for(9) == 4
+    assert graphs.stats["graphs"][0]["warm"] and graphs.stats["graphs"][0]["bytes"]["4"] > 0
 
 
 @gpu
 def test_cuda_graph_lazy_capture_and_misses(net, crops):
-    engine = SegmentationEngine(net, "cuda", "fp16", buckets=(1, 2), lazy_capture_after=3, scale=SMALL)
+    limits = CaptureLimits(lazy_after=3)
+    engine = SegmentationEngine(net, "cuda", "fp16", buckets=(1, 2), capture_limits=limits, scale=SMALL)
     image = crops[1][None]
     for _ in range(2):
         engine.segment(image)
     assert engine.misses == 2 and engine.replays == 0 and engine.stats["graphs"] == []
-    engine.segment(image)  # third time: captured, then replayed
-    assert engine.replays == 1 and engine.stats["graphs"][0]["buckets"] == [1]
-    engine.segment(np.repeat(image, 5, axis=0))  # larger than the largest bucket: eager, not a miss
-    assert engine.misses == 2 and engine.replays == 1
+    engine.segment(image)  # third time: eager, then every bucket captured after the batch
+    assert engine.misses == 3 and engine.stats["graphs"][0]["buckets"] == [1, 2]
+    engine.segment(np.repeat(image, 2, axis=0))
+    assert engine.replays == 1
+    engine.segment(np.repeat(image, 5, axis=0))  # larger than the largest bucket: eager, a miss
+    assert engine.misses == 4 and engine.replays == 1
 
 
 @gpu

@@ -67,6 +67,7 @@ class WorkerLink:
         self._send_lock = threading.Lock()  # slots are forgotten from decode threads too
         self._ready_event = asyncio.Event()
         self._fatal: str | None = None
+        self._exit_reason: str | None = None  # from a ("dying", reason, message) before the exit
 
     @property
     def outstanding(self) -> int:
@@ -138,6 +139,9 @@ class WorkerLink:
             self.failures_in_a_row = 0
             self._ready_event.set()
             self._resend_queued()
+        elif kind == "dying":  # a device error poisoned its CUDA context; it exits next
+            self._exit_reason = msg[1]
+            log.error("worker on %s exits after a device error (%s): %s", self.device, msg[1], msg[2])
         elif kind == "fatal":
             self._fatal = msg[1]
             log.error("worker on %s failed to start: %s", self.device, msg[1])
@@ -169,8 +173,9 @@ class WorkerLink:
         if self._fatal and not self.info:  # the first start failed: start-up fails with its message
             self._ready_event.set()
             return
-        log.error("worker on %s died (exit code %s); restarting", self.device, code)
-        self.dispatcher.metrics.worker_restarts.labels(self.device).inc()
+        reason, self._exit_reason = self._exit_reason or "crashed", None
+        log.error("worker on %s died (exit code %s, reason %s); restarting", self.device, code, reason)
+        self.dispatcher.metrics.worker_restarts.labels(self.device, reason).inc()
         for job_id, p in list(self.pending.items()):
             if p.running:  # its slot may hold half-written labels: fail it, the client retries
                 self._fail(
@@ -228,6 +233,8 @@ class Dispatcher:
                 resize_scale=s.resize_scale,
                 log_level=s.log_level,
                 log_format=s.log_format,
+                lazy_capture_shapes=s.lazy_capture_shapes,
+                lazy_capture_pixels=s.lazy_capture_pixels,
             )
             link = WorkerLink(device, config, self)
             self.links.append(link)

@@ -4,19 +4,30 @@ Messages (small tuples over a multiprocessing Pipe; pixels stay in shared memory
   front -> worker  ("submit", Job) | ("cancel", id) | ("forget", slot_name) | ("stop",)
   worker -> front  ("ready", info) | ("fatal", message) | ("running", [ids])
                    ("done", [ids], batch_info) | ("expired", [ids]) | ("failed", [ids], message)
-                   ("cancelled", id) | ("stats", stats)
+                   ("cancelled", id) | ("stats", stats) | ("dying", reason, message)
+
+The device loop keeps up to PIPELINE_DEPTH batches in flight: batch N+1 is submitted (its pixels
+copied in from the slots) while batch N computes, and a batch is answered once its labels are
+in its slots. Between batches, when nothing is queued or in flight, the engines capture CUDA
+graphs for shapes their policy queued. A CUDA error that poisons the context ends the process
+(exit code DEVICE_ERROR_EXIT) after a ("dying", ...) message, so the supervisor restarts it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import signal
+import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
+
+from model.device_errors import fatal_device_error
 
 from ..logs import Step
 from ..logs import configure as configure_logging
@@ -25,6 +36,8 @@ from .shm import SlotMaps
 
 log = logging.getLogger("service.worker")
 STATS_INTERVAL = 1.0
+PIPELINE_DEPTH = 2  # batches in flight: one computing, the next one copying in
+DEVICE_ERROR_EXIT = 70
 
 
 @dataclass(frozen=True)
@@ -40,12 +53,73 @@ class WorkerConfig:
     resize_scale: tuple[int, int] = (2048, 1024)
     log_level: str = "info"
     log_format: str = "text"
+    lazy_capture_shapes: int = 4
+    lazy_capture_pixels: int = 1024 * 2048
 
 
 def warm_buckets(buckets: tuple[int, ...], cuda_graphs: bool) -> tuple[int, ...]:
     """Batch sizes to warm: each bucket needs its own CUDA graph; on the CPU one batch size warms
     the kernels and allocator as well as all of them would, in a fraction of the time."""
     return tuple(buckets) if cuda_graphs else tuple(buckets[:1])
+
+
+@dataclass
+class _Running:
+    """A batch submitted to the device and not yet answered."""
+
+    jobs: list[Job]
+    handle: object  # pipeline.InFlight
+    start: float
+    replayed: bool
+
+
+class PinnedSlotMaps(SlotMaps):
+    """Slot maps page-locked for the GPU (cudaHostRegister) when first mapped, so the copies in
+    and out are DMA straight from and to shared memory.
+
+    With pinning, `forget` (called by the receive thread) only notes the name: unregistering is a
+    CUDA call, which must not run while the run thread captures a graph, so the run thread does
+    it in `release_forgotten()` between batches.
+    """
+
+    def __init__(self, pin: bool):
+        super().__init__()
+        self.pin = pin
+        self._pinned: dict[str, np.ndarray] = {}
+        self._forgotten: list[str] = []
+        self._lock = threading.Lock()
+
+    def view(self, name: str, nbytes: int) -> np.ndarray:
+        new = name not in self._maps
+        arr = super().view(name, nbytes)
+        if new and self.pin:
+            from model.pipeline import register_host
+
+            whole = np.frombuffer(self._maps[name], np.uint8)
+            if register_host(whole):
+                self._pinned[name] = whole
+        return arr
+
+    def forget(self, name: str) -> None:
+        if not self.pin:
+            super().forget(name)
+            return
+        with self._lock:
+            self._forgotten.append(name)
+
+    def release_forgotten(self) -> None:
+        if not self.pin:
+            return
+        with self._lock:
+            names, self._forgotten = self._forgotten, []
+        for name in names:
+            whole = self._pinned.pop(name, None)
+            if whole is not None:
+                from model.pipeline import unregister_host
+
+                unregister_host(whole)
+                del whole
+            super().forget(name)
 
 
 def _die_with_parent() -> None:
@@ -63,7 +137,8 @@ class Worker:
         self.send_lock = threading.Lock()
         self.cond = threading.Condition()
         self.scheduler = BatchScheduler(config.max_batch, config.max_delay, config.budget)
-        self.maps = SlotMaps()
+        self.maps = PinnedSlotMaps(pin=config.device.startswith("cuda"))
+        self.running: deque[_Running] = deque()
         self.stopping = False
         self.models: dict = {}
         self.last_stats = 0.0
@@ -77,7 +152,11 @@ class Worker:
         import torch
 
         from model import Segmenter
+        from model.graph_policy import CaptureLimits
 
+        limits = CaptureLimits(
+            max_lazy_shapes=self.config.lazy_capture_shapes, max_lazy_pixels=self.config.lazy_capture_pixels
+        )
         info = {"device": self.config.device, "models": {}}
         for name, weights in self.config.models:
             torch.manual_seed(0)  # 'random' weights are the same in every worker and restart
@@ -89,6 +168,8 @@ class Worker:
                     dtype=self.config.dtype,
                     buckets=self.config.buckets,
                     scale=self.config.resize_scale,
+                    capture_limits=limits,
+                    capture_inline=False,  # this loop captures between batches, when nothing waits
                 )
             start = time.perf_counter()
             buckets = warm_buckets(self.config.buckets, seg.engine.cuda_graphs)
@@ -134,41 +215,99 @@ class Worker:
 
     def run_loop(self) -> None:
         while True:
+            idle = False
             with self.cond:
                 now = time.monotonic()
                 expired = self.scheduler.expire(now)
                 batch, wait = self.scheduler.next_batch(now) if not expired else (None, 0.0)
-                if batch is None and not expired:
+                if batch is None and not expired and not self.running:
                     if self.stopping and not len(self.scheduler):
                         return
-                    self.cond.wait(timeout=wait)
-                    continue
+                    if len(self.scheduler):  # requests wait for their batch to fill
+                        self.cond.wait(timeout=wait)
+                        continue
+                    idle = True
+            if idle:
+                # Nothing queued or in flight: capture a queued shape, outside the lock so that
+                # arriving requests are queued (and stop the capture between buckets).
+                if not self.capture_when_idle():
+                    with self.cond:
+                        if not len(self.scheduler) and not self.stopping:
+                            self.cond.wait()
+                continue
             if expired:
                 self.send("expired", [j.id for j in expired])
             if batch:
-                self.run_batch(batch)
+                self.start_batch(batch)
+            if self.running and (not batch or len(self.running) >= PIPELINE_DEPTH):
+                self.finish_batch(self.running.popleft())
             self.maybe_send_stats()
 
-    def run_batch(self, batch: list[Job]) -> None:
+    def capture_when_idle(self) -> bool:
+        """Capture one queued shape of one model; stops between buckets if a request arrives."""
+
+        def request_waiting() -> bool:
+            return bool(len(self.scheduler)) or self.stopping
+
+        self.maps.release_forgotten()
+        for seg in self.models.values():
+            try:
+                if seg.engine.capture_pending(should_stop=request_waiting):
+                    return True
+            except Exception as exc:  # noqa: BLE001 - only context-poisoning errors get here
+                self.die(exc)
+        return False
+
+    def batch_inputs(self, batch: list[Job]) -> list[np.ndarray]:
+        """Per-job (H, W, 3) views of the pixels in the slots (no copies)."""
+        h, w = batch[0].height, batch[0].width
+        return [self.maps.view(j.slot, h * w * 3).reshape(h, w, 3) for j in batch]
+
+    def batch_outputs(self, batch: list[Job]) -> list[np.ndarray]:
+        """Per-job (H, W) views where the labels go: the start of each job's own slot."""
+        h, w = batch[0].height, batch[0].width
+        return [self.maps.view(j.slot, h * w).reshape(h, w) for j in batch]
+
+    def start_batch(self, batch: list[Job]) -> None:
         ids = [j.id for j in batch]
         self.send("running", ids)
+        self.maps.release_forgotten()  # the front end forgets only slots that hold no request
         start = time.monotonic()
         try:
-            seg = self.models[batch[0].model]
-            h, w = batch[0].height, batch[0].width
-            images = np.stack([self.maps.view(j.slot, h * w * 3).reshape(h, w, 3) for j in batch])
-            replays = seg.engine.replays
-            labels = seg.engine.segment(images)
-            replayed = seg.engine.replays > replays
-            for job, lab in zip(batch, labels):
-                self.maps.view(job.slot, h * w)[:] = lab.ravel()
+            engine = self.models[batch[0].model].engine
+            replays = engine.replays
+            handle = engine.submit(self.batch_inputs(batch), self.batch_outputs(batch))
         except Exception as exc:  # noqa: BLE001 - one failed batch must not end the worker
-            log.exception("batch of %d failed", len(batch))
-            self.send("failed", ids, f"{type(exc).__name__}: {exc}")
+            self.batch_failed(ids, exc)
             return
-        self.send(
-            "done", ids, {"start": start, "infer": time.monotonic() - start, "size": len(batch), "replayed": replayed}
-        )
+        self.running.append(_Running(batch, handle, start, engine.replays > replays))
+
+    def finish_batch(self, run: _Running) -> None:
+        ids = [j.id for j in run.jobs]
+        try:
+            run.handle.wait()
+        except Exception as exc:  # noqa: BLE001 - asynchronous CUDA errors surface here
+            self.batch_failed(ids, exc)
+            return
+        info = {"start": run.start, "infer": time.monotonic() - run.start, "size": len(ids), "replayed": run.replayed}
+        self.send("done", ids, info)
+
+    def batch_failed(self, ids: list[int], exc: Exception) -> None:
+        if fatal_device_error(exc):
+            self.die(exc)
+        log.exception("batch of %d failed", len(ids))
+        self.send("failed", ids, f"{type(exc).__name__}: {exc}")
+
+    def die(self, exc: BaseException) -> None:
+        """The CUDA context is unusable: say why and exit; the supervisor starts a fresh process."""
+        reason = fatal_device_error(exc) or "device_error"
+        log.critical("device error (%s), the worker exits to be restarted: %s", reason, exc)
+        try:
+            self.send("dying", reason, f"{type(exc).__name__}: {exc}")
+        except OSError:
+            pass
+        sys.stderr.flush()
+        os._exit(DEVICE_ERROR_EXIT)
 
     def maybe_send_stats(self) -> None:
         now = time.monotonic()
@@ -184,6 +323,7 @@ class Worker:
                     "graph_replays": s.engine.replays,
                     "graph_misses": s.engine.misses,
                     "graphs": s.engine.stats["graphs"],
+                    "capture_failures": s.engine.capture_failures,
                 }
                 for n, s in self.models.items()
             }
