@@ -51,7 +51,7 @@ clean:
 # a quicker one).
 MMSEG_VENV ?= .venv-parity
 MMSEG_PY := $(MMSEG_VENV)/bin/python
-PARITY_TESTS ?= tests/test_mmseg_parity.py tests/test_train_mmseg_parity.py
+PARITY_TESTS ?= tests/test_mmseg_parity.py tests/test_train_mmseg_parity.py tests/test_tta_parity.py
 PARITY_PYTEST = BISENET_REQUIRE_MMSEG=1 $(MMSEG_PY) -m pytest -q -p no:cacheprovider --disable-warnings $(PARITY_TESTS)
 
 .PHONY: parity

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .transforms import TEST_SCALE, logits_to_labels, normalise, test_size
+from .tta import check_mode, segment_tta
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +157,15 @@ class SegmentationEngine:
             return self.net(normalise(images.to(self.device), size, self.dtype)).float()
 
     # -- public API --------------------------------------------------------------------------
-    def segment(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Labels for a same-shape uint8 batch (N, H, W, 3); returns a numpy (N, H, W) uint8 array."""
+    def segment(self, images: np.ndarray | torch.Tensor, tta: str = "none") -> np.ndarray:
+        """Labels for a same-shape uint8 batch (N, H, W, 3); returns a numpy (N, H, W) uint8 array.
+
+        `tta` is 'none', 'flip' or 'ms_flip' (model/tta.py); the augmented modes run eagerly.
+        """
         if images.ndim != 4 or images.shape[3] != 3:
             raise ValueError(f"expected a uint8 batch (N, H, W, 3), got shape {tuple(images.shape)}")
+        if check_mode(tta) != "none":
+            return segment_tta(self, self._as_tensor(images).to(self.device), tta).cpu().numpy()
         n, height, width = images.shape[:3]
         if self.cuda_graphs and n <= self.buckets[-1]:
             key = (height, width)
@@ -171,11 +177,15 @@ class SegmentationEngine:
                 self._graphs.move_to_end(key)
                 return self._replay(key, bucket, images)
             self.misses += 1
-        if isinstance(images, np.ndarray) and not images.flags.writeable:
-            images = images.copy()  # torch refuses to wrap read-only memory (e.g. np.asarray of a PIL image)
-        tensor = torch.as_tensor(images)
+        tensor = self._as_tensor(images)
         with torch.inference_mode():
             return self._pipeline(tensor.to(self.device, non_blocking=True)).cpu().numpy()
+
+    @staticmethod
+    def _as_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        if isinstance(images, np.ndarray) and not images.flags.writeable:
+            images = images.copy()  # torch refuses to wrap read-only memory (e.g. np.asarray of a PIL image)
+        return torch.as_tensor(images)
 
     def bucket_for(self, n: int) -> int:
         return self.buckets[min(bisect.bisect_left(self.buckets, n), len(self.buckets) - 1)]

@@ -81,7 +81,9 @@ class Worker:
                 scale=self.config.resize_scale,
             )
             start = time.perf_counter()
-            seg.engine.warmup(list(self.config.warm_shapes) or [(64, 64)], self.config.buckets)
+            shapes = list(self.config.warm_shapes) or [(64, 64)]
+            seg.engine.warmup(shapes, self.config.buckets)
+            warmup_seconds = time.perf_counter() - start
             self.models[name] = seg
             info["models"][name] = {
                 "arch": seg.arch,
@@ -89,7 +91,8 @@ class Worker:
                 "palette": [list(c) for c in seg.palette],
                 "dtype": str(seg.engine.dtype).replace("torch.", ""),
                 "cuda_graphs": seg.engine.cuda_graphs,
-                "warmup_seconds": round(time.perf_counter() - start, 3),
+                "warmup_seconds": round(warmup_seconds, 3),
+                "timings": measure(seg.engine, shapes),
                 **seg.engine.stats,
             }
         return info
@@ -142,7 +145,7 @@ class Worker:
             h, w = batch[0].height, batch[0].width
             images = np.stack([self.maps.view(j.slot, h * w * 3).reshape(h, w, 3) for j in batch])
             replays = seg.engine.replays
-            labels = seg.engine.segment(images)
+            labels = seg.engine.segment(images, batch[0].tta)
             replayed = seg.engine.replays > replays
             for job, lab in zip(batch, labels):
                 self.maps.view(job.slot, h * w)[:] = lab.ravel()
@@ -180,6 +183,17 @@ class Worker:
                 "reserved": torch.cuda.memory_reserved(self.config.device),
             }
         return stats
+
+
+def measure(engine, shapes: list[tuple[int, int]]) -> list[tuple[str, int, int, int, float]]:
+    """One timed plain pass per warm shape after warm-up: (tta, height, width, batch, seconds),
+    the seeds of the front end's latency estimates."""
+    timings = []
+    for height, width in shapes:
+        start = time.monotonic()
+        engine.segment(np.zeros((1, height, width, 3), np.uint8))
+        timings.append(("none", height, width, 1, time.monotonic() - start))
+    return timings
 
 
 def run_worker(conn, config: WorkerConfig) -> None:

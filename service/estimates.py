@@ -1,0 +1,73 @@
+"""Latency estimates per (model, tta, input size), from the worker's own measured batch times.
+
+Seeded by the timings each worker measures at warm-up (plain passes at the warm shapes) and
+updated by every batch that runs (exponentially weighted moving average). A key never measured
+is predicted from the measured key of the same model whose network work is closest, scaled by
+the ratio of work: network input megapixels, summed over a mode's passes (model/tta.py), so an
+`ms_flip` estimate exists from the first plain measurement and is corrected once one runs.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+
+from model.tta import work_units
+
+ALPHA = 0.3  # weight of the newest measurement
+
+
+@dataclass
+class Sample:
+    seconds: float  # per image (the batch's time divided by its size)
+    units: float  # network megapixels per image
+    count: int = 1
+
+
+class Estimates:
+    def __init__(self, scale: tuple[int, int], alpha: float = ALPHA):
+        self.scale = tuple(scale)
+        self.alpha = alpha
+        self._samples: dict[tuple[str, str, int, int], Sample] = {}
+        self._lock = threading.Lock()
+
+    def units(self, tta: str, height: int, width: int) -> float:
+        return work_units(tta, height, width, self.scale)
+
+    def observe(self, model: str, tta: str, height: int, width: int, batch: int, seconds: float) -> None:
+        """Fold one measured batch time into the estimate of its key."""
+        if batch < 1 or not math.isfinite(seconds) or seconds < 0:
+            return
+        key = (model, tta, height, width)
+        per_image = seconds / batch
+        with self._lock:
+            sample = self._samples.get(key)
+            if sample is None:
+                self._samples[key] = Sample(per_image, self.units(tta, height, width))
+            else:
+                sample.seconds += self.alpha * (per_image - sample.seconds)
+                sample.count += 1
+
+    def predict(self, model: str, tta: str, height: int, width: int, batch: int = 1) -> float | None:
+        """Seconds the worker needs for `batch` such images; None before anything was measured."""
+        key = (model, tta, height, width)
+        with self._lock:
+            sample = self._samples.get(key)
+            if sample is not None:
+                return sample.seconds * batch
+            same_model = [s for k, s in self._samples.items() if k[0] == model]
+        if not same_model:
+            return None
+        units = self.units(tta, height, width)
+        nearest = min(same_model, key=lambda s: abs(math.log(units / s.units)))
+        return nearest.seconds * units / nearest.units * batch
+
+    def measured(self, model: str) -> list[dict]:
+        """The measured keys of `model` (for /models)."""
+        with self._lock:
+            items = [(k, s) for k, s in self._samples.items() if k[0] == model]
+        return [
+            {"tta": k[1], "height": k[2], "width": k[3], "ms": round(s.seconds * 1000, 3), "measurements": s.count}
+            for k, s in sorted(items, key=lambda kv: (kv[0][1], kv[0][2], kv[0][3]))
+        ]
