@@ -1,0 +1,193 @@
+"""model=auto, tta=auto and the deadline promise against the real running service (REST and gRPC).
+
+The service serves random-weight R18 and R50 at a small test-time size; its latency estimates come
+from its own warm-up timings and the requests it runs, and the tests read them from /models to
+pick deadlines: generous, one that R18 meets and R50 does not, and one that nothing meets."""
+
+from __future__ import annotations
+
+import io
+import math
+import queue
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model import Segmenter
+from service.proto import segmentation_pb2 as pb
+from tests.servicekit import FAST_ARGS, Service, metric_value, segmentation_stub
+
+R18, R50 = "bisenetv1_r18", "bisenetv1_r50"
+H, W = 64, 128  # the test-time size too (--resize-scale 128x64): no resize, quick passes
+UPGRADE_FRAMES = 3
+GENEROUS_MS = 600_000
+
+
+@pytest.fixture(scope="module")
+def service():
+    svc = Service(
+        [
+            *FAST_ARGS,
+            "--resize-scale",
+            "128x64",
+            "--warm-shapes",
+            f"{H}x{W}",
+            "--model",
+            f"{R18}=random",
+            "--model",
+            f"{R50}=random",
+            "--max-batch",
+            "1",
+            "--auto-order",
+            f"{R50}:ms_flip,{R50},{R18}",
+            "--auto-upgrade-frames",
+            str(UPGRADE_FRAMES),
+        ]
+    )
+    try:
+        yield svc.wait_ready()
+    finally:
+        svc.stop()
+
+
+@pytest.fixture(scope="module")
+def http(service):
+    with httpx.Client(base_url=service.url, timeout=180) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def frame(photo) -> np.ndarray:
+    return np.asarray(Image.fromarray(photo).resize((W, H), Image.BILINEAR))
+
+
+@pytest.fixture(scope="module")
+def png(frame) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def predicted_ms(http, model: str, tta: str = "none") -> float:
+    """The service's current estimate for one HxW frame of `model` in `tta`."""
+    for info in http.get("/models").json()["models"]:
+        if info["name"] == model:
+            for row in info["latency_estimates"]["predicted"]:
+                if (row["tta"], row["height"], row["width"]) == (tta, H, W):
+                    return row["ms"]
+    raise AssertionError(f"no estimate for {model}:{tta} at {H}x{W}")
+
+
+def between_ms(http) -> int:
+    """A deadline R18 meets with room and R50 does not: the geometric mean of their estimates."""
+    r18, r50 = predicted_ms(http, R18), predicted_ms(http, R50)
+    assert r50 > 2 * r18, (r18, r50)  # R50 is several times R18's work: the choice means something
+    return int(math.sqrt(r18 * r50))
+
+
+def segment(http, png: bytes, **params) -> httpx.Response:
+    return http.post("/segment", content=png, headers={"Content-Type": "image/png"}, params=params)
+
+
+def test_models_show_the_menu_and_latency_estimates(http):
+    body = http.get("/models").json()
+    assert body["auto"]["menu"] == [f"{R50}:ms_flip", f"{R50}:none", f"{R18}:none"]
+    for info in body["models"]:
+        measured = info["latency_estimates"]["measured"]
+        assert any((m["tta"], m["height"], m["width"]) == ("none", H, W) and m["ms"] > 0 for m in measured), info
+        ttas = {row["tta"] for row in info["latency_estimates"]["predicted"]}
+        assert ttas == {"none", "flip", "ms_flip"}
+    assert predicted_ms(http, R50, "ms_flip") > predicted_ms(http, R50, "flip") > predicted_ms(http, R50)
+
+
+def test_unknown_tta_or_model_names_the_choices(service, http, png):
+    r = segment(http, png, tta="multiscale")
+    assert r.status_code == 422
+    assert r.json()["error"] == {
+        "code": "bad_request",
+        "message": "unknown tta 'multiscale'; choose none, flip, ms_flip, auto",
+    }
+    r = segment(http, png, model="r101")
+    assert r.status_code == 404 and "auto" in r.json()["error"]["message"] and R50 in r.json()["error"]["message"]
+    with segmentation_stub(service.grpc_target) as stub:
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Segment(pb.SegmentRequest(encoded=png, tta="multiscale"), timeout=30)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "none, flip, ms_flip, auto" in error.value.details()
+
+
+def test_a_generous_deadline_runs_the_most_accurate_mode(service, http, png, frame):
+    r = segment(http, png, model="auto", deadline_ms=GENEROUS_MS)
+    assert r.status_code == 200, r.text
+    assert (r.headers["X-Model"], r.headers["X-TTA"]) == (R50, "none")
+    r = segment(http, png, model="auto", tta="auto", deadline_ms=GENEROUS_MS, format="raw")
+    assert r.status_code == 200, r.text
+    assert (r.headers["X-Model"], r.headers["X-TTA"]) == (R50, "ms_flip")
+    # the labels are those of R50 with ms_flip (the worker seeds random weights with 0 per model)
+    torch.manual_seed(0)
+    reference = Segmenter(R50, weights="random", scale=(128, 64)).predict(frame, "ms_flip")
+    labels = np.frombuffer(r.content, np.uint8).reshape(H, W)
+    assert (labels == reference).mean() >= 0.999
+    text = service.metrics()
+    assert metric_value(text, "seg_mode_choices_total", requested="auto:none", chosen=f"{R50}:none") >= 1
+    assert metric_value(text, "seg_mode_choices_total", requested="auto:auto", chosen=f"{R50}:ms_flip") >= 1
+
+
+def test_a_deadline_only_r18_meets_runs_r18(service, http, png):
+    before = metric_value(service.metrics(), "seg_mode_choices_total", requested="auto:none", chosen=f"{R18}:none")
+    r = segment(http, png, model="auto", deadline_ms=between_ms(http))
+    assert r.status_code == 200, r.text
+    assert (r.headers["X-Model"], r.headers["X-TTA"]) == (R18, "none")
+    with segmentation_stub(service.grpc_target) as stub:
+        reply = stub.Segment(
+            pb.SegmentRequest(encoded=png, model="auto", tta="auto", deadline_ms=between_ms(http)), timeout=60
+        )
+    assert (reply.model, reply.tta) == (R18, "none")
+    after = service.metrics()
+    assert metric_value(after, "seg_mode_choices_total", requested="auto:none", chosen=f"{R18}:none") == before + 1
+    assert metric_value(after, "seg_mode_choices_total", requested="auto:auto", chosen=f"{R18}:none") >= 1
+
+
+def test_a_deadline_nothing_can_meet_is_refused_before_compute(service, http, png):
+    batches = metric_value(service.metrics(), "seg_batch_size_count")
+    hopeless = max(1, int(predicted_ms(http, R18) / 4))
+    r = segment(http, png, model="auto", deadline_ms=hopeless)
+    assert r.status_code == 504
+    message = r.json()["error"]["message"]
+    assert f"the fastest, {R18}:none" in message and "not computed" in message, message
+    # an explicit model keeps the same promise: R50 cannot make a deadline only R18 meets
+    r = segment(http, png, model=R50, deadline_ms=between_ms(http))
+    assert r.status_code == 504 and f"{R50}:none needs about" in r.json()["error"]["message"]
+    with segmentation_stub(service.grpc_target) as stub:
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Segment(pb.SegmentRequest(encoded=png, model="auto", deadline_ms=hopeless), timeout=30)
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "not computed" in error.value.details()
+    assert metric_value(service.metrics(), "seg_batch_size_count") == batches  # the worker ran nothing
+
+
+def test_a_stream_under_pressure_steps_down_at_once_and_up_without_flickering(service, http, frame):
+    """Frames one at a time (so nothing queues): three with room, three with a deadline only R18
+    meets, then four with room again: R50, down to R18 at once, and back up only after
+    UPGRADE_FRAMES frames with headroom."""
+    tight = between_ms(http)
+    deadlines = [GENEROUS_MS] * 3 + [tight] * 3 + [GENEROUS_MS] * 4
+    outbox: queue.Queue = queue.Queue()
+
+    def requests():
+        for i, deadline in enumerate(deadlines):
+            raw = pb.RawFrame(height=H, width=W, rgb=frame.tobytes())
+            yield pb.SegmentRequest(raw=raw, frame_id=i, model="auto" if i == 0 else "", deadline_ms=deadline)
+            outbox.get(timeout=120)  # the next frame only once this one is answered
+
+    models = []
+    with segmentation_stub(service.grpc_target) as stub:
+        for response in stub.StreamSegment(requests(), metadata=(("max-in-flight", "1"),), timeout=300):
+            assert not response.HasField("error"), response.error
+            models.append(response.model)
+            outbox.put(None)
+    up_again = [R18] * (UPGRADE_FRAMES - 1) + [R50] * (4 - UPGRADE_FRAMES + 1)
+    assert models == [R50] * 3 + [R18] * 3 + up_again
