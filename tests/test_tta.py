@@ -65,3 +65,12 @@ def test_flip_is_mirror_symmetric_and_batches_agree(r18, photo, one_torch_thread
         together = segmenter.engine.segment(batch, mode)
         assert np.array_equal(together[0], segmenter.predict(batch[0], mode))
         assert np.array_equal(together[1], segmenter.predict(batch[1], mode))
+
+
+def test_bench_menu_prints_latency_beside_published_miou(capsys, one_torch_thread):
+    from model.bench_menu import main
+
+    assert main(["--models", "bisenetv1_r18", "--size", "32x64", "--resize-scale", "64x32", "--iters", "2"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| bisenet")]
+    assert [(r[1].strip(), r[2].strip()) for r in rows] == [("none", "75.16"), ("flip", "-"), ("ms_flip", "77.24")]
+    assert all(float(r[4]) > 0 for r in rows)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import importlib
 import os
+import time
 
 import numpy as np
 import pytest
@@ -68,11 +69,15 @@ def arch(request, parity, tmp_path_factory):
     return request.param, parity.load_mmseg(request.param, ckpt), str(ckpt)
 
 
+@pytest.mark.timeout(3600)  # R50: 12 passes up to 3584x1792 on each side, minutes on two CPU cores
 def test_ms_flip_on_a_2048x1024_frame_equals_seg_tta_model(parity, arch, frame, one_torch_thread):
     """The issue's check: 12 passes per side, up to 3584x1792 (the slow test of the parity suite)."""
     name, mm_model, ckpt = arch
+    start = time.perf_counter()
     reference = mmseg_tta_labels(mm_model, frame)
+    middle = time.perf_counter()
     ours = Segmenter(f"bisenetv1_{name}", weights=ckpt).predict(frame, "ms_flip")
+    print(f"{name} ms_flip 2048x1024: mmseg {middle - start:.0f} s, ours {time.perf_counter() - middle:.0f} s")
     assert ours.shape == reference.shape == frame.shape[:2]
     agreement = float((ours == reference).mean())
     assert agreement >= parity.agreement_needed("frame_2048x1024"), (name, agreement)
