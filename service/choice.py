@@ -9,7 +9,8 @@ A request's options narrow the menu (a fixed model keeps its own modes, a fixed 
 model with that tta). The choice is the first candidate whose predicted time, plus the work queued
 ahead of it on the worker, fits the time left: the explicit `deadline_ms`, else the frame budget.
 When none fits, an explicit deadline is answered 504 before any compute (with the numbers), and
-without one the fastest candidate runs. Streams keep a `StreamState`: they step down at once when
+without one the fastest candidate runs. An estimate no measurement has confirmed for a while
+(estimates.PROBE_AFTER) does not refuse: that request runs, and its time corrects the estimate. Streams keep a `StreamState`: they step down at once when
 their mode no longer fits, and up one step only after `upgrade_frames` frames in a row in which
 the better mode fits with headroom, so video does not flicker between models.
 """
@@ -113,9 +114,16 @@ def build_menu(models: list[tuple[str, str | None]], order: tuple[tuple[str, str
 
 
 class Chooser:
-    def __init__(self, menu: list[Mode], predict: Callable[[Mode, int, int], float | None], upgrade_frames: int = 10):
+    def __init__(
+        self,
+        menu: list[Mode],
+        predict: Callable[[Mode, int, int], float | None],
+        upgrade_frames: int = 10,
+        probe: Callable[[Mode, int, int], bool] = lambda mode, height, width: False,
+    ):
         self.menu = menu
         self.predict = predict  # (mode, height, width) -> seconds, or None when unknown
+        self.probe = probe  # (mode, height, width) -> run it although refused, to measure again
         self.upgrade_frames = upgrade_frames
         self.models = list(dict.fromkeys(mode.model for mode in menu))
 
@@ -150,7 +158,10 @@ class Chooser:
         if len(modes) == 1 and predicted[0] is None:
             fits = [0]  # nothing measured yet: nothing to refuse on
         if not fits and options.deadline_ms is not None:
-            raise ServiceError("deadline_exceeded", self._refusal(options, modes, predicted, queued, time_left))
+            fastest = self._fastest(predicted)
+            if not self.probe(modes[fastest], height, width):
+                raise ServiceError("deadline_exceeded", self._refusal(options, modes, predicted, queued, time_left))
+            fits = [fastest]  # an estimate nothing has confirmed for a while: run, and measure again
         if stream is not None and stream.mode in modes:
             index = self._stream_step(stream, modes.index(stream.mode), fits, predicted, queued, time_left)
         else:

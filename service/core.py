@@ -73,7 +73,7 @@ class SegmentationService:
         self.default_model = settings.models[0].name
         self.started = time.time()
         menu = build_menu([(m.name, m.weights) for m in settings.models], settings.auto_order)
-        self.chooser = Chooser(menu, self._predict, settings.auto_upgrade_frames)
+        self.chooser = Chooser(menu, self._predict, settings.auto_upgrade_frames, self._probe)
 
     async def start(self) -> None:
         await self.dispatcher.start()
@@ -107,6 +107,9 @@ class SegmentationService:
 
     def _predict(self, mode: Mode, height: int, width: int) -> float | None:
         return self.dispatcher.estimates.predict(mode.model, mode.tta, height, width)
+
+    def _probe(self, mode: Mode, height: int, width: int) -> bool:
+        return self.dispatcher.estimates.probe(mode.model, mode.tta, height, width)
 
     def check_api_key(self, key: str | None) -> None:
         if self.settings.api_key and key != self.settings.api_key:

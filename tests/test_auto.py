@@ -153,6 +153,8 @@ def test_a_deadline_only_r18_meets_runs_r18(service, http, png):
 
 
 def test_a_deadline_nothing_can_meet_is_refused_before_compute(service, http, png):
+    for model in (R18, R50):  # fresh measurements: a stale estimate would be probed, not trusted
+        assert segment(http, png, model=model).status_code == 200
     batches = metric_value(service.metrics(), "seg_batch_size_count")
     hopeless = max(1, int(predicted_ms(http, R18) / 4))
     r = segment(http, png, model="auto", deadline_ms=hopeless)

@@ -8,7 +8,7 @@ import pytest
 from service.choice import Chooser, Mode, RequestOptions, StreamState, build_menu, parse_options
 from service.config import ConfigError, load_settings
 from service.errors import ServiceError
-from service.estimates import Estimates
+from service.estimates import PROBE_AFTER, Estimates
 
 R18, R50 = "bisenetv1_r18", "bisenetv1_r50"
 
@@ -106,4 +106,24 @@ def test_estimates_scale_from_the_nearest_measurement_and_follow_new_ones():
     assert est.predict(R50, "none", 1024, 2048) is None
     est.observe(R18, "none", 1024, 2048, 2, 0.4)  # 0.2 per image, weighted in
     assert est.predict(R18, "none", 1024, 2048) == pytest.approx(0.1 + 0.3 * 0.1)
-    assert est.measured(R18) == [{"tta": "none", "height": 1024, "width": 2048, "ms": 130.0, "measurements": 2}]
+    row = {"tta": "none", "height": 1024, "width": 2048, "ms": 130.0, "measurements": 2, "warm_up_only": False}
+    assert est.measured(R18) == [row]
+
+
+def test_a_warm_up_seed_gives_way_to_the_first_real_measurement_and_stale_estimates_are_probed():
+    est = Estimates((2048, 1024))
+    est.observe(R50, "none", 64, 64, 1, 5.0, seed=True)  # a stalled warm-up on a busy machine
+    assert est.predict(R50, "none", 64, 64) == pytest.approx(5.0)
+    assert est.probe(R50, "none", 64, 64) is False  # just measured: trusted
+    est._samples[(R50, "none", 64, 64)].updated -= PROBE_AFTER + 1
+    assert est.probe(R50, "ms_flip", 64, 64) is True  # derived from the stale key: run one to measure
+    assert est.probe(R50, "none", 64, 64) is False  # one probe per interval
+    est.observe(R50, "none", 64, 64, 1, 0.05)
+    assert est.predict(R50, "none", 64, 64) == pytest.approx(0.05)  # replaced, not averaged
+    est.observe(R50, "none", 64, 64, 1, 0.15)
+    assert est.predict(R50, "none", 64, 64) == pytest.approx(0.08)
+
+
+def test_a_refusal_on_a_stale_estimate_runs_the_fastest_mode_instead():
+    c = Chooser(MENU, lambda mode, h, w: COSTS[mode], 3, probe=lambda mode, h, w: mode == Mode(R18))
+    assert c.choose(RequestOptions("auto", "auto", 20), 1, 1, time_left=0.02, queued=0.0).mode == Mode(R18)

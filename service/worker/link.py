@@ -150,7 +150,7 @@ class WorkerLink:
             self.info = msg[1]
             for name, model in self.info.get("models", {}).items():
                 for tta, height, width, batch, seconds in model.get("timings", ()):
-                    self.dispatcher.estimates.observe(name, tta, height, width, batch, seconds)
+                    self.dispatcher.estimates.observe(name, tta, height, width, batch, seconds, seed=True)
             self.ready = True
             self.failures_in_a_row = 0
             self._ready_event.set()
