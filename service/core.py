@@ -173,7 +173,8 @@ class SegmentationService:
             try:
                 link = link or self.dispatcher.pick_link()
                 time_left = (deadline or admitted + self.settings.budget_seconds) - time.monotonic()
-                choice = self.chooser.choose(options, *image.shape[:2], time_left, link.queued_seconds(), stream)
+                queued = link.queued_seconds()
+                choice = self.chooser.choose(options, *image.shape[:2], time_left, queued, stream)
                 if choice.mode.model != model:
                     self.dispatcher.release(model)
                     model = None
@@ -186,7 +187,8 @@ class SegmentationService:
             except ServiceError:
                 self.dispatcher.release_slot(slot)
                 raise
-            timeout = (deadline - time.monotonic()) if deadline else DEFAULT_TIMEOUT
+            # Without a deadline: a generous wait, longer for work predicted to be long (ms_flip on a CPU).
+            timeout = (deadline - time.monotonic()) if deadline else DEFAULT_TIMEOUT + 2 * (choice.predicted + queued)
             try:
                 result = await asyncio.wait_for(asyncio.shield(future), max(timeout, 0.001))
             except TimeoutError:

@@ -7,7 +7,6 @@ pick deadlines: generous, one that R18 meets and R50 does not, and one that noth
 from __future__ import annotations
 
 import io
-import math
 import queue
 
 import grpc
@@ -18,11 +17,12 @@ import torch
 from PIL import Image
 
 from model import Segmenter
+from service.client import GrpcSegmentationClient, SegmentationClient
 from service.proto import segmentation_pb2 as pb
 from tests.servicekit import FAST_ARGS, Service, metric_value, segmentation_stub
 
 R18, R50 = "bisenetv1_r18", "bisenetv1_r50"
-H, W = 64, 128  # the test-time size too (--resize-scale 128x64): no resize, quick passes
+H, W = 128, 256  # the test-time size too (FAST_ARGS' --resize-scale 256x128): no resize
 UPGRADE_FRAMES = 3
 GENEROUS_MS = 600_000
 
@@ -32,8 +32,6 @@ def service():
     svc = Service(
         [
             *FAST_ARGS,
-            "--resize-scale",
-            "128x64",
             "--warm-shapes",
             f"{H}x{W}",
             "--model",
@@ -46,7 +44,10 @@ def service():
             f"{R50}:ms_flip,{R50},{R18}",
             "--auto-upgrade-frames",
             str(UPGRADE_FRAMES),
-        ]
+        ],
+        # One intra-op thread in the worker: on a busy 2-core machine two spinning OpenMP threads
+        # make small-frame timings erratic (R18 measured slower than R50), and the estimates follow them.
+        env={"OMP_NUM_THREADS": "1"},
     )
     try:
         yield svc.wait_ready()
@@ -83,10 +84,26 @@ def predicted_ms(http, model: str, tta: str = "none") -> float:
 
 
 def between_ms(http) -> int:
-    """A deadline R18 meets with room and R50 does not: the geometric mean of their estimates."""
+    """A deadline R50 is predicted to miss and R18 meets with room: 0.85 of R50's current estimate
+    (read just before use: estimates move as requests run; only R50's own runs move R50's)."""
     r18, r50 = predicted_ms(http, R18), predicted_ms(http, R50)
-    assert r50 > 2 * r18, (r18, r50)  # R50 is several times R18's work: the choice means something
-    return int(math.sqrt(r18 * r50))
+    assert r50 > 2.5 * r18, (r18, r50)  # R50 is several times R18's work: R18 gets 2x its estimate
+    return int(0.85 * r50)
+
+
+def in_time(send, attempts: int = 3):
+    """`send()` until it is answered in time: the choice is made before compute, but on a busy
+    machine R18 itself can now and then run past a deadline it was predicted to meet."""
+    for _ in range(attempts):
+        try:
+            reply = send()
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED or "not computed" in exc.details():
+                raise
+            continue
+        if getattr(reply, "status_code", 200) != 504 or "not computed" in reply.text:
+            return reply
+    raise AssertionError(f"no answer in time in {attempts} attempts")
 
 
 def segment(http, png: bytes, **params) -> httpx.Response:
@@ -124,12 +141,14 @@ def test_a_generous_deadline_runs_the_most_accurate_mode(service, http, png, fra
     r = segment(http, png, model="auto", deadline_ms=GENEROUS_MS)
     assert r.status_code == 200, r.text
     assert (r.headers["X-Model"], r.headers["X-TTA"]) == (R50, "none")
-    r = segment(http, png, model="auto", tta="auto", deadline_ms=GENEROUS_MS, format="raw")
+    r = segment(http, png, model="auto", tta="auto", deadline_ms=GENEROUS_MS)
     assert r.status_code == 200, r.text
     assert (r.headers["X-Model"], r.headers["X-TTA"]) == (R50, "ms_flip")
-    # the labels are those of R50 with ms_flip (the worker seeds random weights with 0 per model)
+    # tta runs in the worker: the labels are R18's with flip (it seeds random weights with 0 per model)
+    r = segment(http, png, model="fast", tta="flip", format="raw")
+    assert (r.headers["X-Model"], r.headers["X-TTA"]) == (R18, "flip")
     torch.manual_seed(0)
-    reference = Segmenter(R50, weights="random", scale=(128, 64)).predict(frame, "ms_flip")
+    reference = Segmenter(R18, weights="random", scale=(256, 128)).predict(frame, "flip")
     labels = np.frombuffer(r.content, np.uint8).reshape(H, W)
     assert (labels == reference).mean() >= 0.999
     text = service.metrics()
@@ -138,18 +157,28 @@ def test_a_generous_deadline_runs_the_most_accurate_mode(service, http, png, fra
 
 
 def test_a_deadline_only_r18_meets_runs_r18(service, http, png):
-    before = metric_value(service.metrics(), "seg_mode_choices_total", requested="auto:none", chosen=f"{R18}:none")
-    r = segment(http, png, model="auto", deadline_ms=between_ms(http))
+    def chosen(requested: str, mode: str) -> float:
+        return metric_value(service.metrics(), "seg_mode_choices_total", requested=requested, chosen=mode)
+
+    before = chosen("auto:none", f"{R18}:none"), chosen("auto:auto", f"{R18}:none")
+    r = in_time(lambda: segment(http, png, model="auto", deadline_ms=between_ms(http)))
     assert r.status_code == 200, r.text
     assert (r.headers["X-Model"], r.headers["X-TTA"]) == (R18, "none")
     with segmentation_stub(service.grpc_target) as stub:
-        reply = stub.Segment(
-            pb.SegmentRequest(encoded=png, model="auto", tta="auto", deadline_ms=between_ms(http)), timeout=60
-        )
+        request = pb.SegmentRequest(encoded=png, model="auto", tta="auto")
+        reply = in_time(lambda: stub.Segment(request, timeout=between_ms(http) / 1000))  # the gRPC deadline
     assert (reply.model, reply.tta) == (R18, "none")
-    after = service.metrics()
-    assert metric_value(after, "seg_mode_choices_total", requested="auto:none", chosen=f"{R18}:none") == before + 1
-    assert metric_value(after, "seg_mode_choices_total", requested="auto:auto", chosen=f"{R18}:none") >= 1
+    with SegmentationClient(service.url) as client:  # the Python clients pass the options and say what ran
+        result = client.segment(png, model="auto", deadline_ms=GENEROUS_MS)
+    assert (result.model, result.tta) == (R50, "none")
+    with GrpcSegmentationClient(service.grpc_target) as client:
+        result = client.segment(png, model="fast", tta="flip")
+    assert (result.model, result.tta) == (R18, "flip")
+    assert result.labels.shape == (H, W)
+    # every attempt chose R18 (a retried one too), and nothing else was chosen for those requests
+    assert chosen("auto:none", f"{R18}:none") > before[0] and chosen("auto:auto", f"{R18}:none") > before[1]
+    assert chosen("auto:none", f"{R50}:none") == 2  # the client's, and the generous request of the test before
+    assert chosen(f"{R18}:flip", f"{R18}:flip") == 2  # here and in the test before
 
 
 def test_a_deadline_nothing_can_meet_is_refused_before_compute(service, http, png):
@@ -175,13 +204,13 @@ def test_a_stream_under_pressure_steps_down_at_once_and_up_without_flickering(se
     """Frames one at a time (so nothing queues): three with room, three with a deadline only R18
     meets, then four with room again: R50, down to R18 at once, and back up only after
     UPGRADE_FRAMES frames with headroom."""
-    tight = between_ms(http)
-    deadlines = [GENEROUS_MS] * 3 + [tight] * 3 + [GENEROUS_MS] * 4
+    room = [True] * 3 + [False] * 3 + [True] * 4
     outbox: queue.Queue = queue.Queue()
 
     def requests():
-        for i, deadline in enumerate(deadlines):
+        for i, generous in enumerate(room):
             raw = pb.RawFrame(height=H, width=W, rgb=frame.tobytes())
+            deadline = GENEROUS_MS if generous else between_ms(http)
             yield pb.SegmentRequest(raw=raw, frame_id=i, model="auto" if i == 0 else "", deadline_ms=deadline)
             outbox.get(timeout=120)  # the next frame only once this one is answered
 
