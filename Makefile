@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 CONSTRAINTS ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c constraints-cpu.txt")
 ARGS ?=
 
-.PHONY: venv run test test-parity parity-venv lint format proto bench clean
+.PHONY: venv run test test-parity test-parity-slow parity-venv lint format proto bench clean
 
 venv: $(VENV)/.installed
 
@@ -54,7 +54,7 @@ clean:
 # a quicker one).
 MMSEG_VENV ?= .venv-parity
 MMSEG_PY := $(MMSEG_VENV)/bin/python
-PARITY_TESTS ?= tests/test_mmseg_parity.py tests/test_train_mmseg_parity.py
+PARITY_TESTS ?= tests/test_mmseg_parity.py tests/test_train_mmseg_parity.py tests/test_tta_parity.py
 PARITY_PYTEST = BISENET_REQUIRE_MMSEG=1 $(MMSEG_PY) -m pytest -q -p no:cacheprovider --disable-warnings $(PARITY_TESTS)
 
 .PHONY: parity
@@ -66,6 +66,10 @@ parity: parity-venv
 
 test-parity: parity-venv
 	$(PARITY_PYTEST)
+
+# Also the R50 tta=ms_flip check on a 2048x1024 frame against mmseg's SegTTAModel (tens of CPU minutes).
+test-parity-slow: parity-venv
+	BISENET_PARITY_SLOW=1 $(MMSEG_PY) -m pytest -q -p no:cacheprovider --disable-warnings tests/test_tta_parity.py
 
 # mmengine and mmcv-lite require `opencv-python`, whose cv2/ folder would overwrite that of the
 # headless OpenCV the project pins (pip installs both, and `import cv2` then loads a mix): they are

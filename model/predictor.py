@@ -73,10 +73,13 @@ class Segmenter:
         self.engine = SegmentationEngine(net, device, dtype, **engine_options)
         self.device = self.engine.device
 
-    def predict(self, image) -> np.ndarray:
-        """An RGB image (HxWx3 uint8 array or PIL image) -> HxW uint8 train ids."""
+    def predict(self, image, tta: str = "none") -> np.ndarray:
+        """An RGB image (HxWx3 uint8 array or PIL image) -> HxW uint8 train ids.
+
+        `tta`: 'none', 'flip' (mirror averaged) or 'ms_flip' (mmseg's multi-scale + flip).
+        """
         rgb = as_rgb_uint8(image)
-        return self.engine.segment(rgb[None])[0]
+        return self.engine.segment(rgb[None], tta)[0]
 
     def predict_batch(self, images: Iterable) -> list[np.ndarray]:
         """Many images at once; same-size images run as one batch."""

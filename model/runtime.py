@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import copy
+import functools
 import logging
 import time
 import weakref
@@ -35,6 +36,7 @@ from .devices import check_cpu_bf16, resolve_device
 from .graph_policy import CaptureLimits, CapturePolicy
 from .pipeline import HostDevicePipeline
 from .transforms import TEST_SCALE, logits_to_labels, normalise, test_size
+from .tta import check_mode, segment_tta
 
 log = logging.getLogger(__name__)
 
@@ -245,21 +247,31 @@ class SegmentationEngine:
             return self._pipeline(images)
 
     # -- public API --------------------------------------------------------------------------
-    def segment(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Labels for a same-shape uint8 batch (N, H, W, 3); returns a numpy (N, H, W) uint8 array."""
+    def segment(self, images: np.ndarray | torch.Tensor, tta: str = "none") -> np.ndarray:
+        """Labels for a same-shape uint8 batch (N, H, W, 3); returns a numpy (N, H, W) uint8 array.
+
+        `tta` is 'none', 'flip' or 'ms_flip' (model/tta.py); the augmented modes run eagerly.
+        """
         if images.ndim != 4 or images.shape[3] != 3:
             raise ValueError(f"expected a uint8 batch (N, H, W, 3), got shape {tuple(images.shape)}")
+        tta = check_mode(tta)
         if isinstance(images, torch.Tensor):
             images = images.cpu().numpy()
         labels = np.empty(images.shape[:3], np.uint8)
-        self.submit(list(images), list(labels)).wait()
-        if self.capture_inline:
+        self.submit(list(images), list(labels), tta).wait()
+        if self.capture_inline and tta == "none":
             self.capture_pending()
         return labels
 
-    def submit(self, inputs: list[np.ndarray], outputs: list[np.ndarray]):
+    def submit(self, inputs: list[np.ndarray], outputs: list[np.ndarray], tta: str = "none"):
         """Start one batch (per-image host arrays in and out); returns a handle to `wait()` on."""
-        return self.resources.pipeline.submit(self.run_device, inputs, outputs)
+        run = self.run_device if tta == "none" else functools.partial(self._run_tta, tta=tta)
+        return self.resources.pipeline.submit(run, inputs, outputs)
+
+    def _run_tta(self, images: torch.Tensor, tta: str) -> torch.Tensor:
+        """The augmented passes of model/tta.py for a batch on the device (eager: many shapes)."""
+        with torch.inference_mode():
+            return segment_tta(self, images, tta)
 
     def bucket_for(self, n: int) -> int:
         return self.buckets[min(bisect.bisect_left(self.buckets, n), len(self.buckets) - 1)]

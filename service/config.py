@@ -55,6 +55,8 @@ class Settings:
     tls_cert: str | None = None
     tls_key: str | None = None
     stream_idle_seconds: float = 300.0  # a gRPC stream with no frame for this long is ended (0: never)
+    auto_order: tuple[tuple[str, str], ...] = ()  # (model, tta) for model=auto, most accurate first
+    auto_upgrade_frames: int = 10  # frames with headroom before an auto stream steps up
 
     @property
     def budget_seconds(self) -> float:
@@ -77,6 +79,8 @@ def parse_models(values: list[str]) -> tuple[ModelSpec, ...]:
                     f"{', '.join(list(ARCHS) + list(ZOO))} (aliases: fast, accurate), or "
                     f"NAME=CHECKPOINT for a checkpoint of your own"
                 )
+            if name == "auto":
+                raise ConfigError("'auto' is reserved (model=auto picks a served model); name the model otherwise")
             if not MODEL_NAME.fullmatch(name):
                 raise ConfigError(f"bad model name {name!r}: use letters, digits, '_', '-' and '.'")
             specs.append(ModelSpec(name, weights or None))
@@ -214,7 +218,38 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("STREAM_IDLE_SECONDS", d.stream_idle_seconds),
         help="end a gRPC stream that sends no frame for this long; 0: never [BISENET_STREAM_IDLE_SECONDS]",
     )
+    p.add_argument(
+        "--auto-order",
+        default=_env("AUTO_ORDER", ""),
+        help="modes model=auto/tta=auto choose from, most accurate first, as MODEL[:TTA],... (TTA none, "
+        "flip or ms_flip); default: by published mIoU [BISENET_AUTO_ORDER]",
+    )
+    p.add_argument(
+        "--auto-upgrade-frames",
+        default=_env("AUTO_UPGRADE_FRAMES", d.auto_upgrade_frames),
+        help="frames in a row with headroom before an auto stream steps up to a more accurate mode "
+        "[BISENET_AUTO_UPGRADE_FRAMES]",
+    )
     return p
+
+
+def parse_auto_order(text: str, models: tuple[ModelSpec, ...]) -> tuple[tuple[str, str], ...]:
+    """`MODEL[:TTA],...` -> ((model, tta), ...), each model served and each tta known."""
+    from model.tta import TTA_MODES
+
+    served = [m.name for m in models]
+    order = []
+    for item in filter(None, (v.strip() for v in text.split(","))):
+        name, _, tta = item.partition(":")
+        name, tta = ALIASES.get(name, name) if name not in served else name, tta or "none"
+        if name not in served:
+            raise ConfigError(f"--auto-order {item!r}: {name!r} is not served; served: {', '.join(served)}")
+        if tta not in TTA_MODES:
+            raise ConfigError(f"--auto-order {item!r}: unknown tta {tta!r}; choose {', '.join(TTA_MODES)}")
+        if (name, tta) in order:
+            raise ConfigError(f"--auto-order names {item!r} twice")
+        order.append((name, tta))
+    return tuple(order)
 
 
 def _number(value, name: str, kind=int, minimum=None):
@@ -305,4 +340,6 @@ def load_settings(argv: list[str] | None = None) -> Settings:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         stream_idle_seconds=_number(args.stream_idle_seconds, "stream-idle-seconds", float, minimum=0),
+        auto_order=parse_auto_order(args.auto_order, models),
+        auto_upgrade_frames=_number(args.auto_upgrade_frames, "auto-upgrade-frames", minimum=1),
     )

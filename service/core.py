@@ -16,6 +16,7 @@ from model.predictor import resolve_weights
 
 from .api import imaging
 from .api.auth import key_matches
+from .choice import Chooser, Mode, RequestOptions, StreamState, build_menu, parse_options, published_entry
 from .config import ALIASES, Settings
 from .errors import CODES, ServiceError
 from .logs import Step
@@ -31,6 +32,11 @@ class Served:
     result: Result
     image: np.ndarray | None  # the decoded RGB image (for overlays)
     timings: dict  # seconds: decode, queue, inference (encode added by the caller)
+    tta: str = "none"  # the test-time augmentation that ran (chosen when the request said auto)
+
+    @property
+    def model(self) -> str:
+        return self.result.model
 
 
 def fetch_weights(settings: Settings) -> dict[str, str]:
@@ -71,6 +77,8 @@ class SegmentationService:
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="codec")
         self.default_model = settings.models[0].name
         self.started = time.time()
+        menu = build_menu([(m.name, m.weights) for m in settings.models], settings.auto_order)
+        self.chooser = Chooser(menu, self._predict, settings.auto_upgrade_frames, self._probe)
 
     async def start(self) -> None:
         await self.dispatcher.start()
@@ -92,8 +100,22 @@ class SegmentationService:
         name = name or self.default_model
         name = ALIASES.get(name, name) if name not in self.dispatcher.depth else name
         if name not in self.dispatcher.depth:
-            raise ServiceError("not_found", f"unknown model {name!r}; served: {', '.join(self.dispatcher.model_names)}")
+            raise ServiceError(
+                "not_found",
+                f"unknown model {name!r}; served: {', '.join(self.dispatcher.model_names)}, "
+                f"the aliases {', '.join(ALIASES)}, or auto",
+            )
         return name
+
+    def options(self, model: str | None, tta: str | None = None, deadline_ms=None) -> RequestOptions:
+        """A request's (model, tta, deadline_ms) as any front door received them, checked (404/422)."""
+        return parse_options(model, tta, deadline_ms, self.resolve_model)
+
+    def _predict(self, mode: Mode, height: int, width: int) -> float | None:
+        return self.dispatcher.estimates.predict(mode.model, mode.tta, height, width)
+
+    def _probe(self, mode: Mode, height: int, width: int) -> bool:
+        return self.dispatcher.estimates.probe(mode.model, mode.tta, height, width)
 
     def check_api_key(self, key: str | None) -> None:
         if self.settings.api_key and not key_matches(self.settings.api_key, key):
@@ -129,27 +151,50 @@ class SegmentationService:
 
     async def segment(
         self,
-        model: str,
+        model: str | RequestOptions,
         protocol: str,
         *,
         data: bytes | None = None,
         rgb: np.ndarray | None = None,
         deadline_ms: int | None = None,
         link: WorkerLink | None = None,
+        stream: StreamState | None = None,
     ) -> Served:
-        """Run one image (encoded bytes or an RGB array) through a worker. Raises ServiceError."""
+        """Run one image (encoded bytes or an RGB array) through a worker. Raises ServiceError.
+
+        `model` is a served name or the RequestOptions of `options()` (model and tta possibly
+        'auto'); the mode is chosen once the image size is known, and a request whose explicit
+        deadline cannot be met is refused (504) before it is computed. `stream` carries a
+        stream's choice from frame to frame."""
+        options = model if isinstance(model, RequestOptions) else RequestOptions(model, "none", deadline_ms)
+        deadline_ms = options.deadline_ms if deadline_ms is None else deadline_ms
+        options = RequestOptions(options.model, options.tta, deadline_ms)
         admitted = time.monotonic()
         deadline = admitted + deadline_ms / 1000 if deadline_ms else None
+        model = self.chooser.placeholder(options)  # admitted under it until the choice is made
         self.dispatcher.admit(model)
         try:
             image, slot, decode_s = await self._decode_and_place_async(data, rgb)
             self.metrics.decode.labels(protocol).observe(decode_s)
             try:
-                future = self.dispatcher.submit(model, slot, image.shape[:2], deadline, link)
+                link = link or self.dispatcher.pick_link()
+                time_left = (deadline or admitted + self.settings.budget_seconds) - time.monotonic()
+                queued = link.queued_seconds()
+                choice = self.chooser.choose(options, *image.shape[:2], time_left, queued, stream)
+                if choice.mode.model != model:
+                    self.dispatcher.release(model)
+                    model = None
+                    self.dispatcher.admit(choice.mode.model)
+                    model = choice.mode.model
+                self.metrics.mode_choices.labels(options.requested, str(choice.mode)).inc()
+                future = self.dispatcher.submit(
+                    model, slot, image.shape[:2], deadline, link, choice.mode.tta, choice.predicted
+                )
             except ServiceError:
                 self.dispatcher.release_slot(slot)
                 raise
-            timeout = (deadline - time.monotonic()) if deadline else DEFAULT_TIMEOUT
+            # Without a deadline: a generous wait, longer for work predicted to be long (ms_flip on a CPU).
+            timeout = (deadline - time.monotonic()) if deadline else DEFAULT_TIMEOUT + 2 * (choice.predicted + queued)
             try:
                 result = await asyncio.wait_for(asyncio.shield(future), max(timeout, 0.001))
             except TimeoutError:
@@ -161,8 +206,9 @@ class SegmentationService:
                 future.add_done_callback(_retrieve)
                 raise
         finally:
-            self.dispatcher.release(model)
-        return Served(result, image, {"decode": decode_s, **result.timings})
+            if model is not None:
+                self.dispatcher.release(model)
+        return Served(result, image, {"decode": decode_s, **result.timings}, choice.mode.tta)
 
     async def segment_batch(
         self,
@@ -171,14 +217,14 @@ class SegmentationService:
         items: list[dict],
         *,
         deadline_ms: int | None = None,
+        tta: str | None = None,
         link: WorkerLink | None = None,
     ) -> list[Served]:
         """Several images of one request (each `data=` or `rgb=`), each admitted and batched by the
-        worker like a single one, results in order. The first error cancels the others and is raised."""
-        tasks = [
-            asyncio.ensure_future(self.segment(model, protocol, deadline_ms=deadline_ms, link=link, **item))
-            for item in items
-        ]
+        worker like a single one, results in order. The first error cancels the others and is raised.
+        `model` and `tta` may be 'auto' (the choice is made per image)."""
+        options = self.options(model, tta, deadline_ms)
+        tasks = [asyncio.ensure_future(self.segment(options, protocol, link=link, **item)) for item in items]
         try:
             return list(await asyncio.gather(*tasks))
         except BaseException:
@@ -191,16 +237,10 @@ class SegmentationService:
         self.metrics.rejected.labels(error.reason).inc()
 
     def models_info(self) -> list[dict]:
-        from model.zoo import ZOO, default_entry
-
         out = []
         for spec in self.settings.models:
             info = self.dispatcher.model_info(spec.name)
-            entry = None
-            if spec.weights in ZOO:
-                entry = ZOO[spec.weights]
-            elif spec.weights is None:
-                entry = default_entry(spec.name)
+            entry = published_entry(spec.name, spec.weights)
             out.append(
                 {
                     "name": spec.name,
@@ -214,9 +254,24 @@ class SegmentationService:
                     "dtype": info.get("dtype"),
                     "cuda_graphs": info.get("cuda_graphs", False),
                     "captured_graphs": info.get("graphs", []),
+                    "latency_estimates": self.latency_estimates(spec.name),
                 }
             )
         return out
+
+    def latency_estimates(self, model: str) -> dict:
+        """What model=auto goes by: measured times, and predictions at the warm shapes per tta."""
+        shapes = self.settings.warm_shapes or ((1024, 2048),)
+        predicted = []
+        for height, width in shapes:
+            for tta in ("none", "flip", "ms_flip"):
+                seconds = self.dispatcher.estimates.predict(model, tta, height, width)
+                if seconds is not None:
+                    predicted.append({"tta": tta, "height": height, "width": width, "ms": round(seconds * 1000, 3)})
+        return {"measured": self.dispatcher.estimates.measured(model), "predicted": predicted}
+
+    def auto_info(self) -> dict:
+        return {"menu": [str(mode) for mode in self.chooser.menu], "upgrade_frames": self.chooser.upgrade_frames}
 
     def classes_palette(self, model: str) -> tuple[list, list]:
         info = self.dispatcher.model_info(model)

@@ -79,6 +79,12 @@ class Metrics:
         self.streams_active = Gauge("seg_streams_active", "Open streaming calls", registry=r)
         self.shm_slots = Gauge("seg_shm_slots_in_use", "Shared-memory frame slots holding a request", registry=r)
         self.shm_bytes = Gauge("seg_shm_bytes", "Shared memory mapped for frame slots", registry=r)
+        self.mode_choices = Counter(
+            "seg_mode_choices",
+            "Requests by the mode asked for and the mode run, each as MODEL:TTA (model=auto / tta=auto choose)",
+            ["requested", "chosen"],
+            registry=r,
+        )
 
     def start_series(self, models: list[str], devices: list[str], reasons: list[str]) -> None:
         """Create every label child at zero, so an alert's increase() sees the first event too."""

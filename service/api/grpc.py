@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from ..choice import RequestOptions, StreamState
 from ..config import Settings
 from ..core import SegmentationService, Served
 from ..errors import ServiceError
@@ -182,14 +183,16 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
     async def serve(
         self,
         request: pb.SegmentRequest,
-        model: str,
+        options: RequestOptions,
         protocol: str,
         deadline_ms: int | None,
         link: WorkerLink | None = None,
+        stream: StreamState | None = None,
     ) -> pb.SegmentResponse:
         served: Served = await self.service.segment(
-            model, protocol, deadline_ms=deadline_ms, link=link, **image_input(request, self.settings)
+            options, protocol, deadline_ms=deadline_ms, link=link, stream=stream, **image_input(request, self.settings)
         )
+        model = served.model
         classes, palette = self.service.classes_palette(model)
         labels = served.result.labels
         start = time.perf_counter()
@@ -202,6 +205,7 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
         return pb.SegmentResponse(
             frame_id=request.frame_id,
             model=model,
+            tta=served.tta,
             height=labels.shape[0],
             width=labels.shape[1],
             format=request.format,
@@ -232,9 +236,11 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
         try:
             self.authorize(context)
             check_decoded(request)
-            model = self.service.resolve_model(request.model)
+            options = self.service.options(request.model, request.tta)
+            model = options.model
             deadline_ms = effective_deadline_ms(request.deadline_ms, context.time_remaining())
-            response = await self.serve(request, model, "grpc", deadline_ms)
+            response = await self.serve(request, options, "grpc", deadline_ms)
+            model = response.model
             code = "OK"
             response.timings.total_ms = (time.perf_counter() - started) * 1000
             return response
@@ -269,7 +275,9 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
                     published_miou=info["published_miou"] or 0.0,
                 )
             )
-        return pb.ListModelsResponse(models=models, default_model=self.service.default_model)
+        return pb.ListModelsResponse(
+            models=models, default_model=self.service.default_model, auto_menu=self.service.auto_info()["menu"]
+        )
 
     # -- streaming -------------------------------------------------------------------------------
     async def StreamSegment(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
@@ -295,16 +303,18 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
             return  # the client closed without sending a frame
         except TimeoutError:
             raise StreamIdle(f"no frame for {idle:g} s") from None
-        model = self.service.resolve_model(first.model)
+        options = self.service.options(first.model, first.tta)
+        model = options.model
         policy, limit = first_message_options(first, policy, limit)
         if not self.service.ready:
             raise ServiceError("not_ready", "the service is not ready or is draining", retry_after=1)
         link = self.service.dispatcher.pick_link()  # the stream sticks to this worker: one queue, one order
         log.debug("stream: model %s, policy %s, %d in flight, worker %s", model, policy, limit, link.device)
 
+        choice = StreamState()  # model=auto / tta=auto: the stream's mode, kept with hysteresis
         frames = OrderedStream(
             self._frames(first, requests, model),
-            lambda f: self._serve_frame(f, model, link),
+            lambda f: self._serve_frame(f, options, link, choice),
             policy=policy,
             max_in_flight=limit,
             idle_timeout=idle,
@@ -323,7 +333,7 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
     async def _frames(self, first: pb.SegmentRequest, requests: AsyncIterator, model: str) -> AsyncIterator[Frame]:
         yield Frame(first, time.perf_counter())
         async for request in requests:
-            if request.model and self.service.resolve_model(request.model) != model:
+            if request.model and request.model != model and self.service.resolve_model(request.model) != model:
                 raise ServiceError(
                     "bad_request",
                     f"this stream serves {model}; frame {request.frame_id} asks for "
@@ -331,14 +341,20 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
                 )
             yield Frame(request, time.perf_counter())
 
-    async def _serve_frame(self, frame: Frame, model: str, link: WorkerLink) -> pb.SegmentResponse:
+    async def _serve_frame(
+        self, frame: Frame, options: RequestOptions, link: WorkerLink, choice: StreamState
+    ) -> pb.SegmentResponse:
         """One frame's response; a frame's own problem becomes its `error`, the stream goes on.
         Raises only what must end the stream (the service is draining)."""
         request = frame.request
+        model = options.model
         code = "INTERNAL"
         self.metrics.in_flight.inc()
         try:
-            response = await self.serve(request, model, "grpc_stream", request.deadline_ms or None, link)
+            if request.tta:  # a frame's own tta; otherwise the first message's
+                options = self.service.options(options.model, request.tta)
+            response = await self.serve(request, options, "grpc_stream", request.deadline_ms or None, link, choice)
+            model = response.model
             code = "OK"
         except ServiceError as exc:
             code = exc.grpc_status

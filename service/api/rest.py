@@ -94,6 +94,7 @@ def timing_headers(served: Served, model: str) -> dict:
     t = served.timings
     return {
         "X-Model": model,
+        "X-TTA": served.tta,
         "X-Batch-Size": str(served.result.batch_size),
         "Server-Timing": ", ".join(f"{k};dur={v * 1000:.2f}" for k, v in t.items()),
     }
@@ -140,9 +141,12 @@ def create_app(service: SegmentationService) -> FastAPI:
     )
     async def segment(
         request: Request,
-        model: str | None = Query(None, description="model name, or the aliases 'fast' / 'accurate'"),
+        model: str | None = Query(
+            None, description="model name, the aliases 'fast' / 'accurate', or 'auto' (the most accurate that fits)"
+        ),
         format: Literal["png", "overlay", "json", "raw"] = Query("png", description="output format"),
         deadline_ms: int | None = Query(None, ge=1, le=3_600_000, description="answer 504 if not done by then"),
+        tta: str | None = Query(None, description="test-time augmentation: none, flip, ms_flip or auto"),
         x_api_key: str | None = Header(None),
         authorization: str | None = Header(None),
     ):
@@ -151,9 +155,11 @@ def create_app(service: SegmentationService) -> FastAPI:
         metrics.in_flight.inc()
         try:
             service.check_api_key(api_key_from(x_api_key, authorization))
-            name = service.resolve_model(model)
+            options = service.options(model, tta, deadline_ms)
+            name = options.model
             data = await image_bytes(request, service.settings.max_image_bytes)
-            served = await service.segment(name, "http", data=data, deadline_ms=deadline_ms)
+            served = await service.segment(options, "http", data=data)
+            name = served.model
             response = await encode_response(service, served, name, format)
             status = 200
             return response
@@ -174,7 +180,7 @@ def create_app(service: SegmentationService) -> FastAPI:
     @app.get("/models", summary="Served models, classes, palette, weights and captured graphs")
     async def models(x_api_key: str | None = Header(None), authorization: str | None = Header(None)):
         service.check_api_key(api_key_from(x_api_key, authorization))
-        return {"models": service.models_info(), "default": service.default_model}
+        return {"models": service.models_info(), "default": service.default_model, "auto": service.auto_info()}
 
     @app.get("/healthz", summary="Liveness")
     @app.get("/v2/health/live", include_in_schema=False)

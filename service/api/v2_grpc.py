@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import grpc
 
 from .. import __version__
+from ..choice import AUTO
 from ..config import Settings
 from ..core import SegmentationService
 from ..errors import ServiceError
@@ -30,7 +31,7 @@ from . import v2_tensors as tensors
 from .auth import api_key_from
 from .grpc import effective_deadline_ms, status_of, stream_options, trailers_of
 from .streaming import DEFAULT_MAX_IN_FLIGHT, OrderedStream, StreamIdle
-from .v2_params import request_options
+from .v2_params import ran_parameters, request_options
 from .v2_rest import EXTENSIONS, SERVER_NAME, VERSIONS, class_count
 
 log = logging.getLogger("service.grpc")
@@ -78,8 +79,12 @@ def request_inputs(request: pb.ModelInferRequest) -> list[tensors.InputTensor]:
     return inputs
 
 
-def infer_response(model: str, request_id: str, outputs: list[tensors.OutputTensor]) -> pb.ModelInferResponse:
+def infer_response(
+    model: str, request_id: str, outputs: list[tensors.OutputTensor], parameters: dict
+) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(model_name=model, model_version="1", id=request_id)
+    for key, value in parameters.items():
+        response.parameters[key].string_param = value
     for out in outputs:
         tensor = response.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
         for key, value in out.parameters.items():
@@ -134,11 +139,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.service.count_rejection(error)
         await context.abort(status_of(error), error.message, trailing_metadata=trailers_of(error))
 
-    def model_of(self, name: str, version: str) -> str:
-        model = self.service.resolve_model(name)
+    def model_of(self, name: str, version: str, allow_auto: bool = False) -> str:
         if version not in VERSIONS:
             raise ServiceError("not_found", f"model {name!r} has no version {version!r}; its only version is 1")
-        return model
+        if allow_auto and name.strip().lower() == AUTO:  # infer only: the service picks per image
+            return AUTO
+        return self.service.resolve_model(name)
 
     def observe(self, model: str, protocol: str, code: str, started: float) -> float:
         elapsed = time.perf_counter() - started
@@ -156,17 +162,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         link: WorkerLink | None = None,
     ) -> pb.ModelInferResponse:
         """One infer request through the shared request path. Raises ServiceError."""
-        model = self.model_of(request.model_name, request.model_version)
+        model = self.model_of(request.model_name, request.model_version, allow_auto=True)
         options = request_options(parameters_of(request.parameters))
         options["deadline_ms"] = effective_deadline_ms(options.get("deadline_ms", 0), remaining_s)
         items = tensors.batch_items(request_inputs(request), self.settings)
         names = tensors.requested_outputs([o.name for o in request.outputs])
         served = await self.service.segment_batch(model, protocol, items, link=link, **options)
+        model = served[0].model  # what ran (the choice when the request said auto)
         start = time.perf_counter()
         outputs = await self.service.run_in_pool(
             tensors.output_tensors, [s.result.labels for s in served], class_count(self.service, model), names
         )
-        response = infer_response(model, request.id, outputs)
+        response = infer_response(model, request.id, outputs, ran_parameters(served))
         self.metrics.encode.labels("v2").observe(time.perf_counter() - start)
         return response
 

@@ -24,8 +24,15 @@ def parse_deadline(value: Any) -> dict:
     return {"deadline_ms": value}
 
 
+def parse_tta(value: Any) -> dict:
+    """Test-time augmentation (none, flip, ms_flip, auto); the request path checks the name."""
+    if not isinstance(value, str):
+        raise ServiceError("bad_request", f"parameter tta must be a string, not {value!r}")
+    return {"tta": value}
+
+
 # name -> parser(value) -> keyword arguments for the request
-PARAMETERS: dict[str, Callable[[Any], dict]] = {"deadline_ms": parse_deadline}
+PARAMETERS: dict[str, Callable[[Any], dict]] = {"deadline_ms": parse_deadline, "tta": parse_tta}
 # Sent by tritonclient / perf_analyzer (output format, scheduling hints the service does not use).
 IGNORED = {"binary_data_output", "priority", "timeout", "sequence_id", "sequence_start", "sequence_end", "headers"}
 IGNORED_PREFIX = "triton_"
@@ -42,3 +49,13 @@ def request_options(parameters: dict[str, Any]) -> dict:
             known = ", ".join(sorted(PARAMETERS))
             raise ServiceError("bad_request", f"unknown parameter {name!r}; this service takes {known}")
     return options
+
+
+def ran_parameters(served: list) -> dict[str, str]:
+    """Response parameters naming what ran: `model` and `tta` (the choice when the request said
+    auto); comma-separated per batch item when the items of one request were served differently."""
+
+    def joined(values: list[str]) -> str:
+        return values[0] if len(set(values)) == 1 else ",".join(values)
+
+    return {"model": joined([s.model for s in served]), "tta": joined([s.tta for s in served])}

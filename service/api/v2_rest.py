@@ -15,12 +15,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from .. import __version__
+from ..choice import AUTO
 from ..core import SegmentationService
 from ..errors import ServiceError
 from . import v2_tensors as tensors
 from .auth import api_key_from
 from .http_body import read_limited
-from .v2_params import request_options
+from .v2_params import ran_parameters, request_options
 
 PROTOCOL = "v2_http"
 SERVER_NAME = "bisenet-serve"
@@ -128,7 +129,9 @@ def parse_outputs(header: dict) -> tuple[list[str], dict[str, bool]]:
     return names, {name: binary.get(name, default_binary) for name in names}
 
 
-def infer_response(model: str, request_id, outputs: list[tensors.OutputTensor], binary: dict[str, bool]) -> Response:
+def infer_response(
+    model: str, request_id, outputs: list[tensors.OutputTensor], binary: dict[str, bool], parameters: dict
+) -> Response:
     body_outputs, chunks = [], []
     for out in outputs:
         entry = {"name": out.name, "datatype": out.datatype, "shape": out.shape}
@@ -142,7 +145,7 @@ def infer_response(model: str, request_id, outputs: list[tensors.OutputTensor], 
         if parameters:
             entry["parameters"] = parameters
         body_outputs.append(entry)
-    header = {"model_name": model, "model_version": "1", "outputs": body_outputs}
+    header = {"model_name": model, "model_version": "1", "parameters": parameters, "outputs": body_outputs}
     if request_id is not None:
         header["id"] = request_id
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
@@ -163,11 +166,12 @@ def add_v2_routes(app: FastAPI, service: SegmentationService) -> None:
     def authorize(request: Request) -> None:
         service.check_api_key(api_key_from(request.headers.get("x-api-key"), request.headers.get("authorization")))
 
-    def model_of(name: str, version: str = "") -> str:
-        model = service.resolve_model(name)
+    def model_of(name: str, version: str = "", allow_auto: bool = False) -> str:
         if version not in VERSIONS:
             raise ServiceError("not_found", f"model {name!r} has no version {version!r}; its only version is 1")
-        return model
+        if allow_auto and name.strip().lower() == AUTO:  # infer only: the service picks per image
+            return AUTO
+        return service.resolve_model(name)
 
     def routes(path: str, method: str, **kwargs):
         """Register the handler for /models/{model}/PATH and /models/{model}/versions/{version}/PATH."""
@@ -218,7 +222,7 @@ def add_v2_routes(app: FastAPI, service: SegmentationService) -> None:
         metrics.in_flight.inc()
         try:
             authorize(request)
-            name = model_of(model, version)
+            name = model_of(model, version, allow_auto=True)
             encoding = request.headers.get("content-encoding", "identity").lower()
             if encoding != "identity":
                 raise ServiceError("unsupported_media_type", f"Content-Encoding {encoding!r} is not supported")
@@ -228,11 +232,12 @@ def add_v2_routes(app: FastAPI, service: SegmentationService) -> None:
             items = tensors.batch_items(parse_inputs(header, binary), service.settings)
             output_names, binary_outputs = parse_outputs(header)
             served = await service.segment_batch(name, PROTOCOL, items, **options)
+            name = served[0].model  # what ran (the choice when the request said auto)
             encode_start = time.perf_counter()
             outputs = await service.run_in_pool(
                 tensors.output_tensors, [s.result.labels for s in served], class_count(service, name), output_names
             )
-            response = infer_response(name, header.get("id"), outputs, binary_outputs)
+            response = infer_response(name, header.get("id"), outputs, binary_outputs, ran_parameters(served))
             metrics.encode.labels("v2").observe(time.perf_counter() - encode_start)
             status = 200
             return response

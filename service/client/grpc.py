@@ -127,15 +127,28 @@ class GrpcSegmentationClient:
         self.metadata = (("x-api-key", api_key),) if api_key else ()
         self.stub = pb_grpc.SegmentationStub(self.channel)
 
-    def segment(self, image, model: str | None = None, format: str = "png", deadline_ms: int | None = None):
+    def segment(
+        self,
+        image,
+        model: str | None = None,
+        format: str = "png",
+        deadline_ms: int | None = None,
+        tta: str | None = None,
+    ):
         """Like SegmentationClient.segment; `format` is png, raw, overlay or stats."""
-        request = image_request(image, model=model or "", format=FORMATS[format], deadline_ms=deadline_ms or 0)
+        request = image_request(
+            image, model=model or "", format=FORMATS[format], deadline_ms=deadline_ms or 0, tta=tta or ""
+        )
         try:
             response = self.stub.Segment(request, timeout=self.timeout, metadata=self.metadata)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
         result = SegmentResult(
-            model=response.model, labels=labels_of(response), timings_ms=timings_of(response), content=response.labels
+            model=response.model,
+            labels=labels_of(response),
+            timings_ms=timings_of(response),
+            content=response.labels,
+            tta=response.tta or "none",
         )
         if format == "overlay":
             result.overlay = response.labels

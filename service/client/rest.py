@@ -68,6 +68,7 @@ def error_from(response: httpx.Response) -> SegmentationError:
 def result_from(response: httpx.Response, fmt: str) -> SegmentResult:
     result = SegmentResult(
         model=response.headers.get("x-model", ""),
+        tta=response.headers.get("x-tta", "none"),
         content=response.content,
         timings_ms=parse_server_timing(response.headers.get("server-timing", "")),
     )
@@ -93,12 +94,19 @@ class SegmentationClient:
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
     def segment(
-        self, image, model: str | None = None, format: str = "png", deadline_ms: int | None = None
+        self,
+        image,
+        model: str | None = None,
+        format: str = "png",
+        deadline_ms: int | None = None,
+        tta: str | None = None,
     ) -> SegmentResult:
+        """`model` may be 'auto' and `tta` none, flip, ms_flip or 'auto'; the result says what ran."""
         body, content_type = encode_image(image)
         params = {
             "format": format,
             **({"model": model} if model else {}),
+            **({"tta": tta} if tta else {}),
             **({"deadline_ms": deadline_ms} if deadline_ms else {}),
         }
         response = self.http.post("/segment", content=body, params=params, headers={"Content-Type": content_type})

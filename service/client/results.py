@@ -31,6 +31,7 @@ class SegmentResult:
     stats: dict | None = None  # per-class counts (json format)
     timings_ms: dict = field(default_factory=dict)  # from the Server-Timing header
     content: bytes = b""  # the response body as received
+    tta: str = "none"  # the test-time augmentation that ran (the choice when `auto` was asked)
 
     def save_overlay(self, path: str | os.PathLike) -> None:
         Path(path).write_bytes(self.overlay or b"")

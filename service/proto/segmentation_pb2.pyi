@@ -38,7 +38,7 @@ class RawFrame(_message.Message):
     def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., rgb: _Optional[bytes] = ...) -> None: ...
 
 class SegmentRequest(_message.Message):
-    __slots__ = ("model", "encoded", "raw", "frame_id", "format", "deadline_ms", "drop_policy", "max_in_flight")
+    __slots__ = ("model", "encoded", "raw", "frame_id", "format", "deadline_ms", "drop_policy", "max_in_flight", "tta")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ENCODED_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,7 @@ class SegmentRequest(_message.Message):
     DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     DROP_POLICY_FIELD_NUMBER: _ClassVar[int]
     MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    TTA_FIELD_NUMBER: _ClassVar[int]
     model: str
     encoded: bytes
     raw: RawFrame
@@ -55,7 +56,8 @@ class SegmentRequest(_message.Message):
     deadline_ms: int
     drop_policy: DropPolicy
     max_in_flight: int
-    def __init__(self, model: _Optional[str] = ..., encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawFrame, _Mapping]] = ..., frame_id: _Optional[int] = ..., format: _Optional[_Union[OutputFormat, str]] = ..., deadline_ms: _Optional[int] = ..., drop_policy: _Optional[_Union[DropPolicy, str]] = ..., max_in_flight: _Optional[int] = ...) -> None: ...
+    tta: str
+    def __init__(self, model: _Optional[str] = ..., encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawFrame, _Mapping]] = ..., frame_id: _Optional[int] = ..., format: _Optional[_Union[OutputFormat, str]] = ..., deadline_ms: _Optional[int] = ..., drop_policy: _Optional[_Union[DropPolicy, str]] = ..., max_in_flight: _Optional[int] = ..., tta: _Optional[str] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("decode_ms", "queue_ms", "inference_ms", "encode_ms", "total_ms")
@@ -84,7 +86,7 @@ class FrameError(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., status: _Optional[int] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
 
 class SegmentResponse(_message.Message):
-    __slots__ = ("frame_id", "model", "height", "width", "format", "labels", "class_pixels", "timings", "batch_size", "frames_dropped", "dropped_frame_ids", "error")
+    __slots__ = ("frame_id", "model", "height", "width", "format", "labels", "class_pixels", "timings", "batch_size", "frames_dropped", "dropped_frame_ids", "error", "tta")
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +99,7 @@ class SegmentResponse(_message.Message):
     FRAMES_DROPPED_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FRAME_IDS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    TTA_FIELD_NUMBER: _ClassVar[int]
     frame_id: int
     model: str
     height: int
@@ -109,7 +112,8 @@ class SegmentResponse(_message.Message):
     frames_dropped: int
     dropped_frame_ids: _containers.RepeatedScalarFieldContainer[int]
     error: FrameError
-    def __init__(self, frame_id: _Optional[int] = ..., model: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., format: _Optional[_Union[OutputFormat, str]] = ..., labels: _Optional[bytes] = ..., class_pixels: _Optional[_Iterable[int]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., batch_size: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., dropped_frame_ids: _Optional[_Iterable[int]] = ..., error: _Optional[_Union[FrameError, _Mapping]] = ...) -> None: ...
+    tta: str
+    def __init__(self, frame_id: _Optional[int] = ..., model: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., format: _Optional[_Union[OutputFormat, str]] = ..., labels: _Optional[bytes] = ..., class_pixels: _Optional[_Iterable[int]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., batch_size: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., dropped_frame_ids: _Optional[_Iterable[int]] = ..., error: _Optional[_Union[FrameError, _Mapping]] = ..., tta: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -148,9 +152,11 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., arch: _Optional[str] = ..., weights: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., palette: _Optional[_Iterable[_Union[Colour, _Mapping]]] = ..., ready: _Optional[bool] = ..., dtype: _Optional[str] = ..., cuda_graphs: _Optional[bool] = ..., published_miou: _Optional[float] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models", "default_model")
+    __slots__ = ("models", "default_model", "auto_menu")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    AUTO_MENU_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     default_model: str
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., default_model: _Optional[str] = ...) -> None: ...
+    auto_menu: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., default_model: _Optional[str] = ..., auto_menu: _Optional[_Iterable[str]] = ...) -> None: ...

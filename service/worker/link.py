@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import ServiceError
+from ..estimates import Estimates
 from ..metrics import Metrics
 from .process import WorkerConfig, run_worker
 from .scheduler import Job
@@ -46,6 +47,7 @@ class Pending:
     link: "WorkerLink"
     running: bool = False
     admitted: float = field(default_factory=time.monotonic)
+    running_since: float | None = None
 
 
 class WorkerLink:
@@ -72,6 +74,15 @@ class WorkerLink:
     @property
     def outstanding(self) -> int:
         return len(self.pending)
+
+    def queued_seconds(self) -> float:
+        """Predicted worker time still owed to the requests sent here (running ones: what is left)."""
+        now = time.monotonic()
+        total = 0.0
+        for p in self.pending.values():
+            spent = now - p.running_since if p.running_since is not None else 0.0
+            total += max(p.job.cost - spent, 0.0)
+        return total
 
     async def start(self) -> None:
         ctx = mp.get_context("spawn")
@@ -114,11 +125,14 @@ class WorkerLink:
             for job_id in msg[1]:
                 if job_id in self.pending:
                     self.pending[job_id].running = True
+                    self.pending[job_id].running_since = time.monotonic()
         elif kind == "done":
             info = msg[2]
             first = self.pending.get(msg[1][0])
             if first is not None:
                 self.dispatcher.metrics.batch_size.labels(first.job.model).observe(info["size"])
+                j = first.job
+                self.dispatcher.estimates.observe(j.model, j.tta, j.height, j.width, info["size"], info["infer"])
             for job_id in msg[1]:
                 p = self.pending.pop(job_id, None)
                 if p is not None:
@@ -135,6 +149,9 @@ class WorkerLink:
             self.dispatcher.record_stats(self, msg[1])
         elif kind == "ready":
             self.info = msg[1]
+            for name, model in self.info.get("models", {}).items():
+                for tta, height, width, batch, seconds in model.get("timings", ()):
+                    self.dispatcher.estimates.observe(name, tta, height, width, batch, seconds, seed=True)
             self.ready = True
             self.failures_in_a_row = 0
             self._ready_event.set()
@@ -216,6 +233,7 @@ class Dispatcher:
         self._last_replays: dict[tuple[str, str], tuple[int, int]] = {}
         self.devices = resolve_devices(settings.devices)
         self._model_weights = model_weights
+        self.estimates = Estimates(settings.resize_scale)
 
     # -- life cycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -308,11 +326,18 @@ class Dispatcher:
         return min(ready, key=lambda link: link.outstanding)
 
     def submit(
-        self, model: str, slot: Slot, shape: tuple[int, int], deadline: float | None, link: WorkerLink | None = None
+        self,
+        model: str,
+        slot: Slot,
+        shape: tuple[int, int],
+        deadline: float | None,
+        link: WorkerLink | None = None,
+        tta: str = "none",
+        cost: float = 0.0,
     ) -> asyncio.Future:
         """Send an admitted request in `slot` to a worker; the future resolves to a Result."""
         link = link or self.pick_link()
-        job = Job(next(self._ids), model, slot.name, shape[0], shape[1], deadline, time.monotonic())
+        job = Job(next(self._ids), model, slot.name, shape[0], shape[1], deadline, time.monotonic(), tta, cost)
         future = asyncio.get_running_loop().create_future()
         link.pending[job.id] = Pending(job, slot, future, link)
         self.metrics.shm_slots.set(self.slots.in_use)

@@ -172,13 +172,15 @@ class Worker:
                     capture_inline=False,  # this loop captures between batches, when nothing waits
                 )
             start = time.perf_counter()
+            shapes = list(self.config.warm_shapes)
             buckets = warm_buckets(self.config.buckets, seg.engine.cuda_graphs)
-            if self.config.warm_shapes:
+            if shapes:
                 step = "capture" if seg.engine.cuda_graphs else "warm"
-                with Step(log, step, "model %s, shapes %s, batch sizes %s", name, self.config.warm_shapes, buckets):
-                    seg.engine.warmup(list(self.config.warm_shapes), buckets)
+                with Step(log, step, "model %s, shapes %s, batch sizes %s", name, shapes, buckets):
+                    seg.engine.warmup(shapes, buckets)
             else:
                 log.info("warm: model %s skipped (--warm-shapes none)", name)
+            warmup_seconds = time.perf_counter() - start
             self.models[name] = seg
             info["models"][name] = {
                 "arch": seg.arch,
@@ -186,7 +188,8 @@ class Worker:
                 "palette": [list(c) for c in seg.palette],
                 "dtype": str(seg.engine.dtype).replace("torch.", ""),
                 "cuda_graphs": seg.engine.cuda_graphs,
-                "warmup_seconds": round(time.perf_counter() - start, 3),
+                "warmup_seconds": round(warmup_seconds, 3),
+                "timings": measure(seg.engine, shapes),
                 **seg.engine.stats,
             }
         return info
@@ -276,7 +279,7 @@ class Worker:
         try:
             engine = self.models[batch[0].model].engine
             replays = engine.replays
-            handle = engine.submit(self.batch_inputs(batch), self.batch_outputs(batch))
+            handle = engine.submit(self.batch_inputs(batch), self.batch_outputs(batch), batch[0].tta)
         except Exception as exc:  # noqa: BLE001 - one failed batch must not end the worker
             self.batch_failed(ids, exc)
             return
@@ -336,6 +339,23 @@ class Worker:
                 "reserved": torch.cuda.memory_reserved(self.config.device),
             }
         return stats
+
+
+def measure(engine, shapes: list[tuple[int, int]], runs: int = 3, seconds: float = 1.0) -> list[tuple]:
+    """Timed plain passes per warm shape after warm-up, the fastest of up to `runs` within about
+    `seconds` (one stall on a busy machine must not make a mode look slow): (tta, height, width,
+    batch, seconds), the seeds of the front end's latency estimates."""
+    timings = []
+    for height, width in shapes:
+        frame = np.zeros((1, height, width, 3), np.uint8)
+        times: list[float] = []
+        begin = time.monotonic()
+        while len(times) < runs and (not times or time.monotonic() - begin < seconds):
+            start = time.monotonic()
+            engine.segment(frame)
+            times.append(time.monotonic() - start)
+        timings.append(("none", height, width, 1, min(times)))
+    return timings
 
 
 def run_worker(conn, config: WorkerConfig) -> None:

@@ -1,6 +1,6 @@
 """Batching policy of the worker: dynamic batches of same-model, same-shape requests.
 
-- Requests are grouped by (model, height, width): only those can share a batch (and a graph).
+- Requests are grouped by (model, tta, height, width): only those can share a batch (and a graph).
 - Urgency is the request's deadline, or arrival + the frame budget when it has none; the group
   holding the most urgent request that is due runs first (earliest deadline first).
 - A group is due when it holds `max_batch` requests, when its oldest request has waited
@@ -22,11 +22,13 @@ class Job:
     width: int
     deadline: float | None  # time.monotonic() value, shared by the processes of one machine
     arrival: float
+    tta: str = "none"  # test-time augmentation: none, flip, ms_flip (model/tta.py)
+    cost: float = 0.0  # predicted worker seconds (the front end's estimate; counts as work queued ahead)
     urgency: float = field(default=0.0, compare=False)
 
     @property
-    def key(self) -> tuple[str, int, int]:
-        return self.model, self.height, self.width
+    def key(self) -> tuple[str, str, int, int]:
+        return self.model, self.tta, self.height, self.width
 
 
 class BatchScheduler:
@@ -34,8 +36,8 @@ class BatchScheduler:
         self.max_batch = max_batch
         self.max_delay = max_delay
         self.default_budget = default_budget
-        self._groups: dict[tuple[str, int, int], list[Job]] = {}
-        self._where: dict[int, tuple[str, int, int]] = {}
+        self._groups: dict[tuple[str, str, int, int], list[Job]] = {}
+        self._where: dict[int, tuple[str, str, int, int]] = {}
 
     def __len__(self) -> int:
         return len(self._where)
