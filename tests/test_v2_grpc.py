@@ -206,6 +206,16 @@ def test_image_batch_of_different_sizes(service, client, images):
         np.testing.assert_array_equal(got[:h, :w], segment_labels(service, image))
 
 
+def test_tta_and_auto(service, client, images):
+    image = images[0]
+    result = client.infer("auto", [image_input([image])], headers=auth(), parameters={"tta": "flip"})
+    response = result.get_response()
+    assert response.model_name == MODEL
+    assert {k: v.string_param for k, v in response.parameters.items()} == {"model": MODEL, "tta": "flip"}
+    with pytest.raises(InferenceServerException, match="unknown tta"):
+        client.infer(MODEL, [image_input([image])], headers=auth(), parameters={"tta": "sideways"})
+
+
 def test_async_infer(service, client, images):
     done: queue.Queue = queue.Queue()
     for i, image in enumerate(images):
@@ -363,7 +373,9 @@ def test_bad_input(service, raw_stub, client, images):
         (
             "unknown-parameter",
             request(
-                [("IMAGE", "BYTES", [1, 1])], [good], parameters={"tta": service_pb2.InferParameter(string_param="x")}
+                [("IMAGE", "BYTES", [1, 1])],
+                [good],
+                parameters={"tta_mode": service_pb2.InferParameter(string_param="x")},
             ),
             "INVALID_ARGUMENT",
             "unknown parameter",

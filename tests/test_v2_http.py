@@ -84,9 +84,9 @@ def png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def segment_labels(http, image: np.ndarray) -> np.ndarray:
+def segment_labels(http, image: np.ndarray, tta: str = "none") -> np.ndarray:
     """What POST /segment answers for the same image (format=raw)."""
-    r = http.post("/segment?format=raw", content=png(image), headers={"Content-Type": "image/png"})
+    r = http.post(f"/segment?format=raw&tta={tta}", content=png(image), headers={"Content-Type": "image/png"})
     assert r.status_code == 200, r.text
     return np.frombuffer(r.content, np.uint8).reshape(int(r.headers["x-height"]), int(r.headers["x-width"]))
 
@@ -227,6 +227,20 @@ def test_one_output_and_deadline_parameter(client, images):
     assert info.value.status() == "504"
     with pytest.raises(InferenceServerException, match="unknown parameter 'tta_mode'"):
         client.infer(MODEL, [image_input(images[:1])], headers=auth(), parameters={"tta_mode": "flip"})
+
+
+def test_tta_and_auto_parameters(client, http, images):
+    """`tta` is a request parameter and `auto` a model name for infer, as on POST /segment; what ran
+    comes back in the response parameters."""
+    image = images[0]
+    result = client.infer(MODEL, [image_input([image])], headers=auth(), parameters={"tta": "flip"})
+    np.testing.assert_array_equal(result.as_numpy("LABELS")[0], segment_labels(http, image, "flip"))
+    assert result.get_response()["parameters"] == {"model": MODEL, "tta": "flip"}
+    result = client.infer("auto", [image_input([image])], headers=auth(), parameters={"deadline_ms": 60_000})
+    response = result.get_response()
+    assert response["model_name"] == MODEL and response["parameters"] == {"model": MODEL, "tta": "none"}
+    with pytest.raises(InferenceServerException, match="unknown tta 'sideways'; choose none, flip, ms_flip, auto"):
+        client.infer(MODEL, [image_input([image])], headers=auth(), parameters={"tta": "sideways"})
 
 
 def test_async_infer(client, http, images):

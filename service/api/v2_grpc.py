@@ -226,8 +226,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.metrics.in_flight.inc()
         try:
             self.authorize(context)
-            model = self.model_of(request.model_name, request.model_version)
+            model = self.model_of(request.model_name, request.model_version, allow_auto=True)
             response = await self.run(request, "v2_grpc", context.time_remaining())
+            model = response.model_name  # what ran
             code = "OK"
             return response
         except ServiceError as exc:
@@ -302,6 +303,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             with contextlib.suppress(ServiceError):
                 model = self.service.resolve_model(request.model_name)
             response = pb.ModelStreamInferResponse(infer_response=await self.run(request, "v2_grpc_stream", None, link))
+            model = response.infer_response.model_name  # what ran
             code = "OK"
         except ServiceError as exc:
             code = exc.grpc_status

@@ -130,7 +130,7 @@ def parse_outputs(header: dict) -> tuple[list[str], dict[str, bool]]:
 
 
 def infer_response(
-    model: str, request_id, outputs: list[tensors.OutputTensor], binary: dict[str, bool], parameters: dict
+    model: str, request_id, outputs: list[tensors.OutputTensor], binary: dict[str, bool], ran: dict
 ) -> Response:
     body_outputs, chunks = [], []
     for out in outputs:
@@ -145,7 +145,7 @@ def infer_response(
         if parameters:
             entry["parameters"] = parameters
         body_outputs.append(entry)
-    header = {"model_name": model, "model_version": "1", "parameters": parameters, "outputs": body_outputs}
+    header = {"model_name": model, "model_version": "1", "parameters": ran, "outputs": body_outputs}
     if request_id is not None:
         header["id"] = request_id
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
