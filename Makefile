@@ -14,6 +14,9 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(CONSTRAINTS) -e ".[dev,video,export]"
+	# Triton's client for the v2 tests, without its protobuf<7 pin (it runs on protobuf 7; its other
+	# requirements are in the dev extras)
+	$(PY) -m pip install -q --no-deps "tritonclient>=2.51"
 	touch $@
 
 run: venv

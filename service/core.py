@@ -158,6 +158,29 @@ class SegmentationService:
             self.dispatcher.release(model)
         return Served(result, image, {"decode": decode_s, **result.timings})
 
+    async def segment_batch(
+        self,
+        model: str,
+        protocol: str,
+        items: list[dict],
+        *,
+        deadline_ms: int | None = None,
+        link: WorkerLink | None = None,
+    ) -> list[Served]:
+        """Several images of one request (each `data=` or `rgb=`), each admitted and batched by the
+        worker like a single one, results in order. The first error cancels the others and is raised."""
+        tasks = [
+            asyncio.ensure_future(self.segment(model, protocol, deadline_ms=deadline_ms, link=link, **item))
+            for item in items
+        ]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # their slots and queue places are freed
+            raise
+
     def count_rejection(self, error: ServiceError) -> None:
         self.metrics.rejected.labels(error.reason).inc()
 

@@ -18,7 +18,7 @@ from prometheus_client import (
 
 BUDGET_MULTIPLES = (0.03, 0.075, 0.15, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 7.5, 15.0, 30.0, 75.0, 150.0, 300.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
-PROTOCOLS = ("http", "grpc", "grpc_stream")
+PROTOCOLS = ("http", "grpc", "grpc_stream", "v2_http", "v2_grpc", "v2_grpc_stream")  # v2_*: KServe v2 doors
 
 
 class Metrics:

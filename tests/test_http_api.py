@@ -336,8 +336,20 @@ OPEN_ENDPOINTS = {
     ("GET", "/docs/oauth2-redirect"),
     ("GET", "/redoc"),
     ("GET", "/openapi.json"),
+    ("GET", "/v2"),
+    ("GET", "/v2/models/{model}/ready"),
+    ("GET", "/v2/models/{model}/versions/{version}/ready"),
 }
-KEYED_ENDPOINTS = {("POST", "/segment"), ("GET", "/models")}
+KEYED_ENDPOINTS = {
+    ("POST", "/segment"),
+    ("GET", "/models"),
+    ("GET", "/v2/models/{model}"),
+    ("GET", "/v2/models/{model}/versions/{version}"),
+    ("GET", "/v2/models/{model}/config"),
+    ("GET", "/v2/models/{model}/versions/{version}/config"),
+    ("POST", "/v2/models/{model}/infer"),
+    ("POST", "/v2/models/{model}/versions/{version}/infer"),
+}
 
 
 def app_endpoints() -> set[tuple[str, str]]:
@@ -360,7 +372,14 @@ def test_api_key_on_every_endpoint(service, photo_small):
     assert app_endpoints() == OPEN_ENDPOINTS | KEYED_ENDPOINTS
     body = encode(photo_small)
 
+    v2_body = json.dumps(
+        {"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1, 1], "data": [base64.b64encode(body).decode()]}]}
+    )
+
     def call(method: str, path: str, headers: dict) -> httpx.Response:
+        path = path.format(model="bisenetv1_r18", version="1")
+        if path.endswith("/infer"):
+            return httpx.post(service.url + path, content=v2_body, headers=headers, timeout=120)
         if method == "POST":
             headers = {"Content-Type": "image/png", **headers}
             return httpx.post(service.url + path, content=body, headers=headers, timeout=120)
@@ -378,7 +397,12 @@ def test_api_key_on_every_endpoint(service, photo_small):
     )
     for method, path in sorted(KEYED_ENDPOINTS):
         for headers in refused:
-            message = error_of(call(method, path, headers), 401, "unauthorized")
+            response = call(method, path, headers)
+            if path.startswith("/v2/"):  # the v2 error body: {"error": "message"}
+                assert response.status_code == 401, response.text
+                message = response.json()["error"]
+            else:
+                message = error_of(response, 401, "unauthorized")
             assert KEY not in message
         for headers in ({"X-API-Key": KEY}, {"Authorization": f"Bearer {KEY}"}, {"x-api-key": KEY}):
             assert call(method, path, headers).status_code == 200, (method, path, headers)

@@ -1,4 +1,4 @@
-"""The committed stubs in service/proto are what `make proto` generates from proto/segmentation.proto."""
+"""The committed stubs in service/proto are what `make proto` generates from proto/*.proto."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_committed_stubs_match_the_proto(tmp_path):
         committed = ROOT / "service" / "proto" / fresh.name
         assert committed.exists(), f"{committed} is missing: run `make proto`"
         assert normalise(committed.read_text()) == normalise(fresh.read_text()), (
-            f"{committed.relative_to(ROOT)} is out of date with proto/segmentation.proto: run `make proto`"
+            f"{committed.relative_to(ROOT)} is out of date with proto/*.proto: run `make proto`"
         )
 
 
@@ -51,3 +51,14 @@ def test_stubs_import_as_a_package():
         "ListModels",
     }
     assert segmentation_pb2_grpc.segmentation__pb2 is segmentation_pb2
+
+
+def test_v2_stubs_live_in_their_own_descriptor_pool():
+    from google.protobuf import descriptor_pool
+
+    from service.proto import inference_pb2, inference_pb2_grpc
+
+    assert inference_pb2.DESCRIPTOR.package == "inference"
+    assert inference_pb2.DESCRIPTOR.pool is inference_pb2.POOL
+    assert inference_pb2.DESCRIPTOR.pool is not descriptor_pool.Default()
+    assert inference_pb2_grpc.inference__pb2 is inference_pb2

@@ -1,4 +1,4 @@
-"""The gRPC server: the Segmentation service, standard health (following readiness, NOT_SERVING on
+"""The gRPC server: the Segmentation service, the KServe v2 GRPCInferenceService, standard health (following readiness, NOT_SERVING on
 drain), reflection, message limits from the REST limits, keepalive and TLS."""
 
 from __future__ import annotations
@@ -8,13 +8,18 @@ import logging
 from pathlib import Path
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from ..config import Settings
 from ..core import SegmentationService
+from ..proto import inference_pb2, segmentation_pb2
+from ..proto import inference_pb2_grpc as v2_grpc
 from ..proto import segmentation_pb2_grpc as pb_grpc
 from .grpc import SERVICE_NAME, SegmentationServicer, message_limit
+from .v2_grpc import SERVICE_NAME as V2_SERVICE_NAME
+from .v2_grpc import InferenceServicer
 
 log = logging.getLogger("service.grpc")
 HEALTH_POLL_SECONDS = 0.25
@@ -72,6 +77,26 @@ class GrpcServer:
         await self.server.stop(grace)
 
 
+def reflection_pool(*files) -> descriptor_pool.DescriptorPool:
+    """One pool holding every served file (and what they import) for reflection: the v2 stubs
+    live in a pool of their own, not protobuf's default one that reflection reads otherwise."""
+    pool, added = descriptor_pool.DescriptorPool(), set()
+
+    def add(file) -> None:
+        if file.name in added:
+            return
+        for dependency in file.dependencies:
+            add(dependency)
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+        pool.AddSerializedFile(proto.SerializeToString())
+        added.add(file.name)
+
+    for file in files:
+        add(file)
+    return pool
+
+
 async def start_grpc_server(service: SegmentationService, settings: Settings) -> GrpcServer:
     limit = message_limit(settings)
     options = [
@@ -84,9 +109,15 @@ async def start_grpc_server(service: SegmentationService, settings: Settings) ->
     ]
     server = grpc.aio.server(options=options)
     pb_grpc.add_SegmentationServicer_to_server(SegmentationServicer(service, settings), server)
+    v2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service, settings), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    pool = reflection_pool(
+        segmentation_pb2.DESCRIPTOR, inference_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR
+    )
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, V2_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server, pool
+    )
     host = f"[{settings.host}]" if ":" in settings.host and not settings.host.startswith("[") else settings.host
     address = f"{host}:{settings.grpc_port}"  # IPv6 literals in brackets, as gRPC wants them
     if settings.tls_cert:

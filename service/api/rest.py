@@ -16,6 +16,8 @@ from ..core import SegmentationService, Served
 from ..errors import ServiceError
 from . import imaging
 from .auth import api_key_from
+from .http_body import read_limited
+from .v2_rest import create_v2_router
 
 MULTIPART_OVERHEAD = 64 * 1024
 OUTPUT_MEDIA = {
@@ -61,20 +63,6 @@ SEGMENT_BODY = {
 def error_response(error: ServiceError) -> JSONResponse:
     headers = {"Retry-After": str(int(error.retry_after))} if error.retry_after else None
     return JSONResponse(error.body(), status_code=error.http_status, headers=headers)
-
-
-async def read_limited(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to exceed `limit` (never read whole)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise ServiceError("too_large", f"body of {declared} bytes exceeds the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ServiceError("too_large", f"body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 async def image_bytes(request: Request, limit: int) -> bytes:
@@ -190,6 +178,8 @@ def create_app(service: SegmentationService) -> FastAPI:
             return {"ready": True}
         reason = "draining" if service.dispatcher.draining else "models are loading or a worker is restarting"
         return JSONResponse({"ready": False, "error": {"code": "not_ready", "message": reason}}, status_code=503)
+
+    app.include_router(create_v2_router(service))
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def prometheus_metrics():

@@ -1,0 +1,337 @@
+"""KServe v2 (Open Inference Protocol) over gRPC: the `inference.GRPCInferenceService` servicer,
+Triton-compatible, on the same server as the Segmentation service.
+
+ModelInfer carries tensors in raw_input_contents (or typed contents) and answers in
+raw_output_contents, as Triton does. ModelStreamInfer answers every request in request order;
+the stream's drop policy is StreamSegment's (metadata `drop-policy: latest|block`,
+`max-in-flight`): a request dropped by `latest` gets a response whose error_message says so, so a
+client still sees one response per request. Metrics use protocol="v2_grpc" and "v2_grpc_stream".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from .. import __version__
+from ..config import Settings
+from ..core import SegmentationService
+from ..errors import ServiceError
+from ..proto import inference_pb2 as pb
+from ..proto import inference_pb2_grpc as pb_grpc
+from ..worker.link import WorkerLink
+from . import v2_tensors as tensors
+from .auth import api_key_from
+from .grpc import effective_deadline_ms, status_of, stream_options, trailers_of
+from .streaming import DEFAULT_MAX_IN_FLIGHT, OrderedStream, StreamIdle
+from .v2_params import request_options
+from .v2_rest import EXTENSIONS, SERVER_NAME, VERSIONS
+
+log = logging.getLogger("service.grpc")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+# The InferTensorContents field that carries each datatype's typed values.
+CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+def parameters_of(parameters) -> dict:
+    """A protobuf map<string, InferParameter> as plain Python values."""
+    out = {}
+    for name, parameter in parameters.items():
+        kind = parameter.WhichOneof("parameter_choice")
+        out[name] = getattr(parameter, kind) if kind else None
+    return out
+
+
+def request_inputs(request: pb.ModelInferRequest) -> list[tensors.InputTensor]:
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise ServiceError("bad_request", f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs")
+    inputs = []
+    for i, item in enumerate(request.inputs):
+        tensor = tensors.InputTensor(
+            item.name, item.datatype, list(item.shape), parameters=parameters_of(item.parameters)
+        )
+        if raw:
+            tensor.raw = raw[i]
+        elif item.HasField("contents") and item.datatype in CONTENTS_FIELD:
+            tensor.values = list(getattr(item.contents, CONTENTS_FIELD[item.datatype]))
+        inputs.append(tensor)
+    return inputs
+
+
+def infer_response(model: str, request_id: str, outputs: list[tensors.OutputTensor]) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(model_name=model, model_version="1", id=request_id)
+    for out in outputs:
+        tensor = response.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
+        for key, value in out.parameters.items():
+            tensor.parameters[key].string_param = value
+        response.raw_output_contents.append(out.array.tobytes())
+    return response
+
+
+def config_message(config: dict) -> pb.ModelConfig:
+    batching = config["dynamic_batching"]
+    return pb.ModelConfig(
+        name=config["name"],
+        platform=config["platform"],
+        backend=config["backend"],
+        max_batch_size=config["max_batch_size"],
+        input=[
+            pb.ModelInput(name=i["name"], data_type=pb.DataType.Value(i["data_type"]), dims=i["dims"], optional=True)
+            for i in config["input"]
+        ],
+        output=[
+            pb.ModelOutput(name=o["name"], data_type=pb.DataType.Value(o["data_type"]), dims=o["dims"])
+            for o in config["output"]
+        ],
+        dynamic_batching=pb.ModelDynamicBatching(
+            preferred_batch_size=batching["preferred_batch_size"],
+            max_queue_delay_microseconds=batching["max_queue_delay_microseconds"],
+            preserve_ordering=batching["preserve_ordering"],
+        ),
+    )
+
+
+@dataclass
+class StreamRequest:
+    request: pb.ModelInferRequest
+    received: float  # time.perf_counter() when the server read it
+    seq: int  # arrival order on the stream
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, service: SegmentationService, settings: Settings):
+        self.service = service
+        self.settings = settings
+        self.metrics = service.metrics
+
+    # -- shared pieces ---------------------------------------------------------------------------
+    def authorize(self, context: grpc.aio.ServicerContext) -> dict:
+        metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        self.service.check_api_key(api_key_from(metadata.get("x-api-key"), metadata.get("authorization")))
+        return metadata
+
+    async def fail(self, context: grpc.aio.ServicerContext, error: ServiceError) -> None:
+        self.service.count_rejection(error)
+        await context.abort(status_of(error), error.message, trailing_metadata=trailers_of(error))
+
+    def model_of(self, name: str, version: str) -> str:
+        model = self.service.resolve_model(name)
+        if version not in VERSIONS:
+            raise ServiceError("not_found", f"model {name!r} has no version {version!r}; its only version is 1")
+        return model
+
+    def num_classes(self, model: str) -> int:
+        return len(self.service.classes_palette(model)[0])
+
+    def observe(self, model: str, protocol: str, code: str, started: float) -> float:
+        elapsed = time.perf_counter() - started
+        if code == "OK":
+            self.metrics.observe_success(model, protocol, code, elapsed)
+        else:
+            self.metrics.request_duration.labels(model, protocol, code).observe(elapsed)
+        return elapsed
+
+    async def run(
+        self,
+        request: pb.ModelInferRequest,
+        protocol: str,
+        remaining_s: float | None,
+        link: WorkerLink | None = None,
+    ) -> pb.ModelInferResponse:
+        """One infer request through the shared request path. Raises ServiceError."""
+        model = self.model_of(request.model_name, request.model_version)
+        options = request_options(parameters_of(request.parameters))
+        options["deadline_ms"] = effective_deadline_ms(options.get("deadline_ms", 0), remaining_s)
+        items = tensors.batch_items(request_inputs(request), self.settings)
+        names = tensors.requested_outputs([o.name for o in request.outputs])
+        served = await self.service.segment_batch(model, protocol, items, link=link, **options)
+        start = time.perf_counter()
+        outputs = await self.service.run_in_pool(
+            tensors.output_tensors, [s.result.labels for s in served], self.num_classes(model), names
+        )
+        response = infer_response(model, request.id, outputs)
+        self.metrics.encode.labels("v2").observe(time.perf_counter() - start)
+        return response
+
+    # -- health and metadata ---------------------------------------------------------------------
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.service.ready)
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context):
+        try:
+            self.model_of(request.name, request.version)
+        except ServiceError as exc:
+            await self.fail(context, exc)
+        return pb.ModelReadyResponse(ready=self.service.ready)
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context):
+        try:
+            self.authorize(context)
+            model = self.model_of(request.name, request.version)
+        except ServiceError as exc:
+            await self.fail(context, exc)
+        meta = tensors.model_metadata(model, self.num_classes(model))
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=meta["name"],
+            versions=meta["versions"],
+            platform=meta["platform"],
+            inputs=[tensor(**t) for t in meta["inputs"]],
+            outputs=[tensor(**t) for t in meta["outputs"]],
+        )
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context):
+        try:
+            self.authorize(context)
+            model = self.model_of(request.name, request.version)
+        except ServiceError as exc:
+            await self.fail(context, exc)
+        config = tensors.model_config(model, self.num_classes(model), self.settings)
+        return pb.ModelConfigResponse(config=config_message(config))
+
+    # -- inference -------------------------------------------------------------------------------
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext):
+        started = time.perf_counter()
+        model, code = request.model_name or "none", "INTERNAL"
+        self.metrics.in_flight.inc()
+        try:
+            self.authorize(context)
+            model = self.model_of(request.model_name, request.model_version)
+            response = await self.run(request, "v2_grpc", context.time_remaining())
+            code = "OK"
+            return response
+        except ServiceError as exc:
+            code = exc.grpc_status
+            if exc.code == "not_found":
+                model = "none"
+            await self.fail(context, exc)
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        finally:
+            self.metrics.in_flight.dec()
+            self.observe(model, "v2_grpc", code, started)
+
+    async def ModelStreamInfer(self, request_iterator, context: grpc.aio.ServicerContext):
+        self.metrics.streams_active.inc()
+        try:
+            await self._stream(request_iterator, context)
+        except ServiceError as exc:
+            await self.fail(context, exc)
+        except StreamIdle as exc:
+            self.metrics.rejected.labels("stream_idle").inc()
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{exc} (--stream-idle-seconds)")
+        finally:
+            self.metrics.streams_active.dec()
+
+    async def _stream(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+        policy, limit = stream_options(self.authorize(context))
+        if not self.service.ready:
+            raise ServiceError("not_ready", "the service is not ready or is draining", retry_after=1)
+        link = self.service.dispatcher.pick_link()  # one worker per stream: one queue, one order
+        requests = OrderedStream(
+            self._requests(request_iterator),
+            lambda r: self._serve(r, link),
+            policy=policy or "latest",
+            max_in_flight=limit or DEFAULT_MAX_IN_FLIGHT,
+            idle_timeout=self.settings.stream_idle_seconds or None,
+            on_drop=self._count_drop,
+        )
+        # A dropped request is answered when every request before it has been: responses keep
+        # request order (OrderedStream reports drops with the next outcome, which may be older).
+        dropped: list[StreamRequest] = []
+        async with contextlib.aclosing(aiter(requests)) as outcomes:
+            async for outcome in outcomes:
+                dropped += outcome.dropped
+                if outcome.error is not None:
+                    raise outcome.error  # only fatal errors leave _serve
+                for item in sorted((d for d in dropped if d.seq < outcome.frame.seq), key=lambda d: d.seq):
+                    await context.write(dropped_response(item.request, policy or "latest"))
+                dropped = [d for d in dropped if d.seq > outcome.frame.seq]
+                await context.write(outcome.result)
+        for item in sorted(dropped, key=lambda d: d.seq):
+            await context.write(dropped_response(item.request, policy or "latest"))
+
+    def _count_drop(self, item: StreamRequest) -> None:
+        with contextlib.suppress(ServiceError):
+            self.metrics.frames_dropped.labels(self.service.resolve_model(item.request.model_name)).inc()
+
+    async def _requests(self, request_iterator) -> AsyncIterator[StreamRequest]:
+        seq = 0
+        async for request in request_iterator:
+            yield StreamRequest(request, time.perf_counter(), seq)
+            seq += 1
+
+    async def _serve(self, item: StreamRequest, link: WorkerLink) -> pb.ModelStreamInferResponse:
+        """One request's response; its own problem goes into error_message and the stream goes on.
+        Raises only what must end the stream (the service is draining)."""
+        request = item.request
+        model, code = "none", "INTERNAL"
+        self.metrics.in_flight.inc()
+        try:
+            with contextlib.suppress(ServiceError):
+                model = self.service.resolve_model(request.model_name)
+            response = pb.ModelStreamInferResponse(infer_response=await self.run(request, "v2_grpc_stream", None, link))
+            code = "OK"
+        except ServiceError as exc:
+            code = exc.grpc_status
+            self.service.count_rejection(exc)
+            if exc.code == "not_ready" and self.service.dispatcher.draining:
+                raise
+            response = error_response(request, f"[{status_of(exc).name}] {exc.message}")
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception as exc:  # noqa: BLE001 - one request's bug must not end the stream
+            log.exception("v2 stream request %r failed", request.id)
+            error = ServiceError("internal", f"{type(exc).__name__}: {exc}")
+            self.service.count_rejection(error)
+            response = error_response(request, f"[INTERNAL] {error.message}")
+        finally:
+            self.metrics.in_flight.dec()
+            self.observe(model, "v2_grpc_stream", code, item.received)
+        if request.parameters.get("triton_enable_empty_final_response") is not None:
+            response.infer_response.parameters["triton_final_response"].bool_param = True
+        return response
+
+
+def error_response(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+    """A failed stream request: the message, and the request's model and id so clients can match it."""
+    return pb.ModelStreamInferResponse(
+        error_message=message,
+        infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
+    )
+
+
+def dropped_response(request: pb.ModelInferRequest, policy: str) -> pb.ModelStreamInferResponse:
+    return error_response(
+        request,
+        f"[RESOURCE_EXHAUSTED] request {request.id or '(no id)'} dropped by the stream's {policy!r} policy: "
+        "a newer request arrived while the stream was full (metadata drop-policy: block waits instead)",
+    )

@@ -1,0 +1,245 @@
+"""KServe v2 (Open Inference Protocol) over HTTP, Triton-compatible: server and model metadata,
+readiness, Triton's model-configuration extension, and infer with JSON tensors or Triton's binary
+tensor extension. The health routes (/v2/health/live|ready) live in rest.py with /healthz and /readyz.
+
+Errors use the v2 body {"error": "message"} (a string, as tritonclient expects) with the API's
+usual HTTP statuses and Retry-After.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from .. import __version__
+from ..core import SegmentationService
+from ..errors import ServiceError
+from . import v2_tensors as tensors
+from .auth import api_key_from
+from .http_body import read_limited
+from .v2_params import request_options
+
+PROTOCOL = "v2_http"
+SERVER_NAME = "bisenet-serve"
+EXTENSIONS = ["binary_tensor_data", "model_configuration"]
+VERSIONS = ("", "1")  # one version per model; "1" is its name
+HEADER_LENGTH = "Inference-Header-Content-Length"
+JSON_HEADROOM = 64 * 1024
+
+
+def v2_error(error: ServiceError) -> JSONResponse:
+    headers = {"Retry-After": str(int(error.retry_after))} if error.retry_after else None
+    return JSONResponse({"error": error.message}, status_code=error.http_status, headers=headers)
+
+
+def body_limit(service: SegmentationService) -> int:
+    """Largest infer body: a full batch of the largest images or raw frames, binary-encoded."""
+    s = service.settings
+    return s.max_batch * (max(s.max_image_bytes, s.max_pixels * 3) + tensors.LENGTH_PREFIX.size) + JSON_HEADROOM
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
+    """(JSON header, binary section) of an infer body, checked."""
+    if header_length is None:
+        header_bytes, binary = body, b""
+    else:
+        if not header_length.strip().isdigit():
+            raise ServiceError("bad_request", f"{HEADER_LENGTH} must be a byte count, not {header_length!r}")
+        length = int(header_length)
+        if length > len(body):
+            raise ServiceError("bad_request", f"{HEADER_LENGTH} is {length} but the body has only {len(body)} bytes")
+        header_bytes, binary = body[:length], body[length:]
+    try:
+        header = json.loads(header_bytes)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ServiceError("bad_request", f"the request's JSON is malformed: {exc}") from None
+    if not isinstance(header, dict):
+        raise ServiceError("bad_request", "the request's JSON must be an object with `inputs`")
+    return header, binary
+
+
+def json_list(header: dict, key: str) -> list[dict]:
+    value = header.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ServiceError("bad_request", f"`{key}` must be a list of objects")
+    return value
+
+
+def json_parameters(obj: dict, where: str) -> dict:
+    value = obj.get("parameters") or {}
+    if not isinstance(value, dict):
+        raise ServiceError("bad_request", f"`parameters` of {where} must be an object")
+    return value
+
+
+def parse_inputs(header: dict, binary: bytes) -> list[tensors.InputTensor]:
+    """InputTensors from the JSON inputs, taking binary data from the body's binary section in order."""
+    inputs, offset = [], 0
+    for i, item in enumerate(json_list(header, "inputs")):
+        name, datatype, shape = item.get("name"), item.get("datatype"), item.get("shape")
+        if not isinstance(name, str) or not isinstance(datatype, str):
+            raise ServiceError("bad_request", f"input {i} needs a `name` and a `datatype` string")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+            raise ServiceError("bad_request", f"input {name} needs a `shape`: a list of integers")
+        params = json_parameters(item, f"input {name}")
+        tensor = tensors.InputTensor(name, datatype, shape, parameters=params)
+        size = params.get("binary_data_size")
+        if size is not None:
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise ServiceError("bad_request", f"input {name}: binary_data_size must be a byte count")
+            if offset + size > len(binary):
+                raise ServiceError(
+                    "bad_request",
+                    f"input {name}: binary_data_size {size} goes beyond the body's binary data "
+                    f"({len(binary) - offset} bytes left)",
+                )
+            tensor.raw = binary[offset : offset + size]
+            offset += size
+        elif "data" in item:
+            tensor.values = item["data"]
+        inputs.append(tensor)
+    if offset != len(binary):
+        raise ServiceError("bad_request", f"{len(binary) - offset} bytes of binary data belong to no input")
+    return inputs
+
+
+def parse_outputs(header: dict) -> tuple[list[str], dict[str, bool]]:
+    """(output names, output name -> send as binary)."""
+    default_binary = bool(json_parameters(header, "the request").get("binary_data_output", False))
+    names, binary = [], {}
+    for item in json_list(header, "outputs"):
+        name = item.get("name")
+        if not isinstance(name, str):
+            raise ServiceError("bad_request", "each requested output needs a `name`")
+        names.append(name)
+        binary[name] = bool(json_parameters(item, f"output {name}").get("binary_data", default_binary))
+    names = tensors.requested_outputs(names)
+    return names, {name: binary.get(name, default_binary) for name in names}
+
+
+def infer_response(model: str, request_id, outputs: list[tensors.OutputTensor], binary: dict[str, bool]) -> Response:
+    body_outputs, chunks = [], []
+    for out in outputs:
+        entry = {"name": out.name, "datatype": out.datatype, "shape": out.shape}
+        parameters = dict(out.parameters)
+        if binary[out.name]:
+            data = out.array.tobytes()
+            parameters["binary_data_size"] = len(data)
+            chunks.append(data)
+        else:
+            entry["data"] = out.array.ravel().tolist()
+        if parameters:
+            entry["parameters"] = parameters
+        body_outputs.append(entry)
+    header = {"model_name": model, "model_version": "1", "outputs": body_outputs}
+    if request_id is not None:
+        header["id"] = request_id
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    if not chunks:
+        return Response(header_bytes, media_type="application/json")
+    return Response(
+        b"".join([header_bytes, *chunks]),
+        media_type="application/octet-stream",
+        headers={HEADER_LENGTH: str(len(header_bytes))},
+    )
+
+
+def create_v2_router(service: SegmentationService) -> APIRouter:
+    router = APIRouter(prefix="/v2", tags=["KServe v2"])
+    metrics = service.metrics
+
+    def authorize(request: Request) -> None:
+        service.check_api_key(api_key_from(request.headers.get("x-api-key"), request.headers.get("authorization")))
+
+    def model_of(name: str, version: str = "") -> str:
+        model = service.resolve_model(name)
+        if version not in VERSIONS:
+            raise ServiceError("not_found", f"model {name!r} has no version {version!r}; its only version is 1")
+        return model
+
+    def num_classes(model: str) -> int:
+        return len(service.classes_palette(model)[0])
+
+    def routes(path: str, method: str, **kwargs):
+        """Register the handler for /models/{model}/PATH and /models/{model}/versions/{version}/PATH."""
+
+        def register(handler):
+            for prefix in ("/models/{model}", "/models/{model}/versions/{version}"):
+                router.add_api_route(prefix + path, handler, methods=[method], **kwargs)
+            return handler
+
+        return register
+
+    @router.get("", summary="Server metadata: name, version, protocol extensions")
+    async def server_metadata():
+        return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
+
+    @routes("", "GET", summary="Model metadata: inputs and outputs")
+    async def metadata(request: Request, model: str, version: str = ""):
+        try:
+            authorize(request)
+            name = model_of(model, version)
+            return tensors.model_metadata(name, num_classes(name))
+        except ServiceError as exc:
+            return v2_error(exc)
+
+    @routes("/ready", "GET", summary="Model readiness")
+    async def model_ready(model: str, version: str = ""):
+        try:
+            model_of(model, version)
+        except ServiceError as exc:
+            return v2_error(exc)
+        if service.ready:
+            return Response(status_code=200)
+        return v2_error(ServiceError("not_ready", "the model is loading or the service is draining", retry_after=1))
+
+    @routes("/config", "GET", summary="Triton model configuration")
+    async def config(request: Request, model: str, version: str = ""):
+        try:
+            authorize(request)
+            name = model_of(model, version)
+            return tensors.model_config(name, num_classes(name), service.settings)
+        except ServiceError as exc:
+            return v2_error(exc)
+
+    @routes("/infer", "POST", summary="Inference with JSON or binary tensors")
+    async def infer(request: Request, model: str, version: str = ""):
+        start = time.perf_counter()
+        name, status = "none", 500
+        metrics.in_flight.inc()
+        try:
+            authorize(request)
+            name = model_of(model, version)
+            encoding = request.headers.get("content-encoding", "identity").lower()
+            if encoding != "identity":
+                raise ServiceError("unsupported_media_type", f"Content-Encoding {encoding!r} is not supported")
+            body = await read_limited(request, body_limit(service))
+            header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
+            options = request_options(json_parameters(header, "the request"))
+            items = tensors.batch_items(parse_inputs(header, binary), service.settings)
+            output_names, binary_outputs = parse_outputs(header)
+            served = await service.segment_batch(name, PROTOCOL, items, **options)
+            encode_start = time.perf_counter()
+            outputs = await service.run_in_pool(
+                tensors.output_tensors, [s.result.labels for s in served], num_classes(name), output_names
+            )
+            response = infer_response(name, header.get("id"), outputs, binary_outputs)
+            metrics.encode.labels("v2").observe(time.perf_counter() - encode_start)
+            status = 200
+            return response
+        except ServiceError as exc:
+            status = exc.http_status
+            service.count_rejection(exc)
+            return v2_error(exc)
+        finally:
+            metrics.in_flight.dec()
+            elapsed = time.perf_counter() - start
+            if status == 200:
+                metrics.observe_success(name, PROTOCOL, "200", elapsed)
+            else:
+                metrics.request_duration.labels(name, PROTOCOL, str(status)).observe(elapsed)
+
+    return router
