@@ -17,7 +17,7 @@ from ..errors import ServiceError
 from . import imaging
 from .auth import api_key_from
 from .http_body import read_limited
-from .v2_rest import create_v2_router
+from .v2_rest import add_v2_routes
 
 MULTIPART_OVERHEAD = 64 * 1024
 OUTPUT_MEDIA = {
@@ -179,7 +179,7 @@ def create_app(service: SegmentationService) -> FastAPI:
         reason = "draining" if service.dispatcher.draining else "models are loading or a worker is restarting"
         return JSONResponse({"ready": False, "error": {"code": "not_ready", "message": reason}}, status_code=503)
 
-    app.include_router(create_v2_router(service))
+    add_v2_routes(app, service)
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def prometheus_metrics():

@@ -31,7 +31,7 @@ from .auth import api_key_from
 from .grpc import effective_deadline_ms, status_of, stream_options, trailers_of
 from .streaming import DEFAULT_MAX_IN_FLIGHT, OrderedStream, StreamIdle
 from .v2_params import request_options
-from .v2_rest import EXTENSIONS, SERVER_NAME, VERSIONS
+from .v2_rest import EXTENSIONS, SERVER_NAME, VERSIONS, class_count
 
 log = logging.getLogger("service.grpc")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -140,9 +140,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise ServiceError("not_found", f"model {name!r} has no version {version!r}; its only version is 1")
         return model
 
-    def num_classes(self, model: str) -> int:
-        return len(self.service.classes_palette(model)[0])
-
     def observe(self, model: str, protocol: str, code: str, started: float) -> float:
         elapsed = time.perf_counter() - started
         if code == "OK":
@@ -167,7 +164,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         served = await self.service.segment_batch(model, protocol, items, link=link, **options)
         start = time.perf_counter()
         outputs = await self.service.run_in_pool(
-            tensors.output_tensors, [s.result.labels for s in served], self.num_classes(model), names
+            tensors.output_tensors, [s.result.labels for s in served], class_count(self.service, model), names
         )
         response = infer_response(model, request.id, outputs)
         self.metrics.encode.labels("v2").observe(time.perf_counter() - start)
@@ -194,9 +191,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             self.authorize(context)
             model = self.model_of(request.name, request.version)
+            meta = tensors.model_metadata(model, class_count(self.service, model))
         except ServiceError as exc:
             await self.fail(context, exc)
-        meta = tensors.model_metadata(model, self.num_classes(model))
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=meta["name"],
@@ -210,9 +207,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             self.authorize(context)
             model = self.model_of(request.name, request.version)
+            config = tensors.model_config(model, class_count(self.service, model), self.settings)
         except ServiceError as exc:
             await self.fail(context, exc)
-        config = tensors.model_config(model, self.num_classes(model), self.settings)
         return pb.ModelConfigResponse(config=config_message(config))
 
     # -- inference -------------------------------------------------------------------------------

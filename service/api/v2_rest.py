@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 
-from fastapi import APIRouter, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from .. import __version__
@@ -39,6 +39,14 @@ def body_limit(service: SegmentationService) -> int:
     """Largest infer body: a full batch of the largest images or raw frames, binary-encoded."""
     s = service.settings
     return s.max_batch * (max(s.max_image_bytes, s.max_pixels * 3) + tensors.LENGTH_PREFIX.size) + JSON_HEADROOM
+
+
+def class_count(service: SegmentationService, model: str) -> int:
+    """The model's class count, known once its worker has loaded it (503 before)."""
+    classes = service.classes_palette(model)[0]
+    if not classes:
+        raise ServiceError("not_ready", f"model {model} is still loading", retry_after=1)
+    return len(classes)
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
@@ -147,9 +155,10 @@ def infer_response(model: str, request_id, outputs: list[tensors.OutputTensor], 
     )
 
 
-def create_v2_router(service: SegmentationService) -> APIRouter:
-    router = APIRouter(prefix="/v2", tags=["KServe v2"])
+def add_v2_routes(app: FastAPI, service: SegmentationService) -> None:
+    """The v2 routes, added to the app itself (an included router would hide them from app.routes)."""
     metrics = service.metrics
+    tags = ["KServe v2"]
 
     def authorize(request: Request) -> None:
         service.check_api_key(api_key_from(request.headers.get("x-api-key"), request.headers.get("authorization")))
@@ -160,20 +169,17 @@ def create_v2_router(service: SegmentationService) -> APIRouter:
             raise ServiceError("not_found", f"model {name!r} has no version {version!r}; its only version is 1")
         return model
 
-    def num_classes(model: str) -> int:
-        return len(service.classes_palette(model)[0])
-
     def routes(path: str, method: str, **kwargs):
         """Register the handler for /models/{model}/PATH and /models/{model}/versions/{version}/PATH."""
 
         def register(handler):
-            for prefix in ("/models/{model}", "/models/{model}/versions/{version}"):
-                router.add_api_route(prefix + path, handler, methods=[method], **kwargs)
+            for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+                app.add_api_route(prefix + path, handler, methods=[method], tags=tags, **kwargs)
             return handler
 
         return register
 
-    @router.get("", summary="Server metadata: name, version, protocol extensions")
+    @app.get("/v2", summary="Server metadata: name, version, protocol extensions", tags=tags)
     async def server_metadata():
         return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
 
@@ -182,7 +188,7 @@ def create_v2_router(service: SegmentationService) -> APIRouter:
         try:
             authorize(request)
             name = model_of(model, version)
-            return tensors.model_metadata(name, num_classes(name))
+            return tensors.model_metadata(name, class_count(service, name))
         except ServiceError as exc:
             return v2_error(exc)
 
@@ -201,7 +207,7 @@ def create_v2_router(service: SegmentationService) -> APIRouter:
         try:
             authorize(request)
             name = model_of(model, version)
-            return tensors.model_config(name, num_classes(name), service.settings)
+            return tensors.model_config(name, class_count(service, name), service.settings)
         except ServiceError as exc:
             return v2_error(exc)
 
@@ -224,7 +230,7 @@ def create_v2_router(service: SegmentationService) -> APIRouter:
             served = await service.segment_batch(name, PROTOCOL, items, **options)
             encode_start = time.perf_counter()
             outputs = await service.run_in_pool(
-                tensors.output_tensors, [s.result.labels for s in served], num_classes(name), output_names
+                tensors.output_tensors, [s.result.labels for s in served], class_count(service, name), output_names
             )
             response = infer_response(name, header.get("id"), outputs, binary_outputs)
             metrics.encode.labels("v2").observe(time.perf_counter() - encode_start)
@@ -241,5 +247,3 @@ def create_v2_router(service: SegmentationService) -> APIRouter:
                 metrics.observe_success(name, PROTOCOL, "200", elapsed)
             else:
                 metrics.request_duration.labels(name, PROTOCOL, str(status)).observe(elapsed)
-
-    return router
