@@ -165,7 +165,7 @@ def test_perf_analyzer_against_the_service(protocol, service, spec, jpeg):
     if not bench_peers.has_v2_config(service.url, spec.model):
         pytest.skip("the service does not answer GET /v2/models/{model}/config yet (v2 endpoints)")
     url = service.url.removeprefix("http://") if protocol == "http" else service.grpc
-    result = run_perf_analyzer(url, spec.model, protocol, 2, SIZE, window_ms=1000, trials=3, timeout=120)
+    result = run_perf_analyzer(url, spec.model, protocol, 2, SIZE, window_ms=4000, trials=3, timeout=180)
     assert result.throughput > 0 and 0 < result.p50_ms <= result.p99_ms
 
 

@@ -1,5 +1,5 @@
 """`bisenet bench peers`: the same engine served by Triton (PyTriton), Ray Serve and this service,
-driven by the same load, one peer at a time on the same machine.
+driven by the same load on the same machine, the peers measured in turn.
 
     bisenet bench peers                                   # CPU: 256x512 frames, concurrency 1,4,16
     bisenet bench peers --gpu                             # 1024x2048 frames at the Cityscapes scale
@@ -54,6 +54,7 @@ class Peer:
     v2: bool = False  # answers Triton's model configuration (perf_analyzer can drive it)
     perf_headers: dict = field(default_factory=dict)
     scratch: Path | None = None  # a folder of its own, removed once it stopped
+    ready: bool = False  # answered and warmed up
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -183,37 +184,46 @@ class Row:
         )
 
 
-async def measure_peer(peer: Peer, args, spec: EngineSpec, jpeg: bytes, log) -> list[Row]:
+async def http_rows(peer: Peer, args, spec: EngineSpec, jpeg: bytes, levels: list[int], log) -> list[Row]:
+    """The HTTP JPEG load at each of `levels`, once the peer answers (the first call also warms it)."""
     height, width = parse_shape(args.size)
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
     rows: list[Row] = []
     async with httpx.AsyncClient(base_url=peer.url, timeout=120, limits=limits) as client:
         send = http_sender(peer, client, spec.model, jpeg, height * width)
-        await wait_ready(peer, send)
-        log(f"{peer.name}: ready")
-        await closed_loop(send, 1, args.warmup, 120)  # warm-up, not reported
-        for c in args.levels:
+        if not peer.ready:
+            await wait_ready(peer, send)
+            log(f"{peer.name}: ready")
+            await closed_loop(send, 1, args.warmup, 120)  # warm-up, not reported
+            peer.ready = True
+        for c in levels:
             level = await closed_loop(send, c, args.requests, args.seconds)
             level.load = f"c={c}"
             rows.append(Row.from_level(peer.name, level))
             log(f"{peer.name}: http c={c}: {level.throughput:.2f}/s, {level.ok}/{level.sent} ok")
+    return rows
+
+
+def perf_rows(peer: Peer, args, spec: EngineSpec, levels: list[int], log) -> list[Row]:
+    """perf_analyzer over v2 HTTP and gRPC at each of `levels`, for a peer with Triton's model config."""
     if not args.perf_analyzer:
-        return rows
+        return []
     peer.v2 = peer.v2 or has_v2_config(peer.url, spec.model)
     if not peer.v2:
         log(f"{peer.name}: no v2 model configuration, perf_analyzer skipped")
-        return rows
+        return []
+    rows = []
     for protocol, url in (("http", peer.url.removeprefix("http://")), ("grpc", peer.grpc)):
         if url is None:
             continue
-        for c in args.levels:
+        for c in levels:
             try:
                 result = run_perf_analyzer(
                     url,
                     spec.model,
                     protocol,
                     c,
-                    (height, width),
+                    parse_shape(args.size),
                     window_ms=args.perf_window_ms,
                     trials=args.perf_trials,
                     headers=peer.perf_headers.get(protocol),
@@ -223,6 +233,39 @@ async def measure_peer(peer: Peer, args, spec: EngineSpec, jpeg: bytes, log) -> 
                 continue
             rows.append(Row.from_perf(peer.name, result))
             log(f"{peer.name}: perf_analyzer {protocol} c={c}: {result.throughput:.2f}/s")
+    return rows
+
+
+def run_one_at_a_time(names: list[str], args, spec: EngineSpec, jpeg: bytes, tmp: Path, venv: Path, log) -> list[Row]:
+    """Each peer alone on the machine: started, measured at every level, stopped."""
+    rows: list[Row] = []
+    for name in names:
+        peer = start_peer(name, spec, args.max_delay_ms, tmp, venv)
+        try:
+            rows += asyncio.run(http_rows(peer, args, spec, jpeg, args.levels, log))
+            rows += perf_rows(peer, args, spec, args.levels, log)
+        finally:
+            peer.stop()
+    return rows
+
+
+def run_interleaved(names: list[str], args, spec: EngineSpec, jpeg: bytes, tmp: Path, venv: Path, log) -> list[Row]:
+    """All peers up at once (idle ones wait), measured in turn level by level: on a shared machine a
+    change of load from outside then falls on every peer alike instead of on whichever ran then."""
+    peers = []
+    rows: list[Row] = []
+    try:
+        for name in names:
+            peers.append(start_peer(name, spec, args.max_delay_ms, tmp, venv))
+        for c in args.levels:
+            for peer in peers:
+                rows += asyncio.run(http_rows(peer, args, spec, jpeg, [c], log))
+        for c in args.levels:
+            for peer in peers:
+                rows += perf_rows(peer, args, spec, [c], log)
+    finally:
+        for peer in peers:
+            peer.stop()
     return rows
 
 
@@ -275,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=400, help="requests per level at most")
     p.add_argument("--seconds", type=float, default=10.0, help="seconds per level at most")
     p.add_argument("--warmup", type=int, default=4)
+    p.add_argument(
+        "--one-at-a-time",
+        action="store_true",
+        help="run each peer alone (default: all up at once, measured in turn level by level)",
+    )
     p.add_argument("--no-perf-analyzer", dest="perf_analyzer", action="store_false")
     p.add_argument("--perf-window-ms", type=int, default=2000, help="perf_analyzer measurement window")
     p.add_argument("--perf-trials", type=int, default=3, help="perf_analyzer windows at most per level")
@@ -316,18 +364,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["BISENET_PEERS_VENV"] = str(venv)
     spec = spec_from(args)
     jpeg = sample_jpeg(parse_shape(args.size), None)
-    rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="bisenet-peers-") as tmp:
-        for name in names:
-            peer = start_peer(name, spec, args.max_delay_ms, Path(tmp), venv)
-            try:
-                rows += asyncio.run(measure_peer(peer, args, spec, jpeg, log))
-            finally:
-                peer.stop()
+        run = run_one_at_a_time if args.one_at_a_time else run_interleaved
+        rows = run(names, args, spec, jpeg, Path(tmp), venv, log)
     print_rows(
         rows,
         f"{spec.model} ({spec.weights} weights) on {spec.device}, {args.size} JPEG, resize scale "
         f"{'x'.join(map(str, spec.resize_scale))}, max batch {spec.max_batch}, max delay {args.max_delay_ms:g} ms, "
-        f"{spec.threads} torch threads; closed loop, <= {args.requests} requests or {args.seconds:g} s per level",
+        f"{spec.threads} torch threads; closed loop, <= {args.requests} requests or {args.seconds:g} s per level; "
+        f"{'one peer at a time' if args.one_at_a_time else 'peers measured in turn, level by level'}",
     )
     return 0

@@ -7,8 +7,10 @@ LD_LIBRARY_PATH even on a CPU machine, and Debian's libb64-0d.
 
 from __future__ import annotations
 
+import base64
 import csv
 import glob
+import json
 import os
 import subprocess
 import tempfile
@@ -35,6 +37,16 @@ def perf_env(venv: Path | None = None) -> dict:
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, *filter(None, [env.get("LD_LIBRARY_PATH")])])
     return env
+
+
+def rgb_zeros(folder: Path, height: int, width: int) -> Path:
+    """perf_analyzer's input-data JSON: one `RGB` tensor of zeros, base64-encoded raw bytes."""
+    data = {
+        "data": [{"RGB": {"b64": base64.b64encode(bytes(height * width * 3)).decode(), "shape": [height, width, 3]}}]
+    }
+    path = folder / "rgb.json"
+    path.write_text(json.dumps(data))
+    return path
 
 
 @dataclass
@@ -81,10 +93,10 @@ def run_perf_analyzer(
             protocol,
             "--concurrency-range",
             f"{concurrency}:{concurrency}",
+            # Zeros for RGB only: with --input-data zero it would send every input of the model
+            # configuration, and a request carries one of IMAGE and RGB.
             "--input-data",
-            "zero",
-            "--shape",
-            f"RGB:{height},{width},3",
+            str(rgb_zeros(Path(tmp), height, width)),
             "-p",
             str(window_ms),
             # Bounded in time: `trials` windows (3 at least, what the stability check looks at),
