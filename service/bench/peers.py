@@ -88,14 +88,29 @@ def _popen(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Pop
         )
 
 
+def thread_env(threads: int) -> dict:
+    """The same OpenMP settings for every peer's processes.
+
+    Threads: torch.set_num_threads in one thread is not enough, the threads that run the engine
+    (PyTriton's and Ray's handler threads) start from OMP_NUM_THREADS. Wait policy: OpenMP's default
+    spins while it waits; on a machine with more runnable threads than cores, the thread that owns
+    OpenMP's pool (the service's engine thread) then ran R18 5-7x slower than a handler thread of the
+    same process (see docs/peers.md). PASSIVE for everyone compares the serving, not the spinning."""
+    env = {"OMP_WAIT_POLICY": "PASSIVE"}
+    if threads:
+        env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    return env
+
+
 def start_peer(name: str, spec: EngineSpec, max_delay_ms: float, logs: Path, venv: Path) -> Peer:
     """Start one peer on free loopback ports (returns at once; `wait_ready` waits)."""
     log = logs / f"{name}.log"
     http = free_port()
+    env = thread_env(spec.threads)
     if name == "service":
         grpc = free_port()
         args = [*spec.service_args(), "--max-delay-ms", str(max_delay_ms), "--log-level", "warning"]
-        proc = _popen(service_command(http, grpc, args), log)
+        proc = _popen(service_command(http, grpc, args), log, env)
         return Peer(name, proc, log, f"http://127.0.0.1:{http}", f"127.0.0.1:{grpc}")
     if name == "triton":
         python = venv / "bin" / "python"
@@ -105,7 +120,7 @@ def start_peer(name: str, spec: EngineSpec, max_delay_ms: float, logs: Path, ven
         cmd = [str(python), "-m", "service.bench.peers_triton", *spec.cli_args()]
         cmd += ["--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(free_port())]
         cmd += ["--max-delay-ms", str(max_delay_ms), "--access-token", token]
-        proc = _popen(cmd, log)
+        proc = _popen(cmd, log, env)
         peer = Peer(name, proc, log, f"http://127.0.0.1:{http}", f"127.0.0.1:{grpc}", v2=True)
         peer.perf_headers = {
             "http": {"triton-access-token": token},
@@ -117,7 +132,7 @@ def start_peer(name: str, spec: EngineSpec, max_delay_ms: float, logs: Path, ven
         # Ray's temporary folder holds its Unix sockets: a short path under /tmp (107-byte limit).
         scratch = Path(tempfile.mkdtemp(prefix="bisenet-ray-"))
         cmd += ["--http-port", str(http), "--max-delay-ms", str(max_delay_ms), "--temp-dir", str(scratch)]
-        return Peer(name, _popen(cmd, log), log, f"http://127.0.0.1:{http}", scratch=scratch)
+        return Peer(name, _popen(cmd, log, env), log, f"http://127.0.0.1:{http}", scratch=scratch)
     raise ValueError(f"unknown peer {name!r}; choose from {', '.join(PEERS)}")
 
 

@@ -99,7 +99,7 @@ def load_engine(spec: EngineSpec):
     from model import Segmenter
 
     if spec.threads:
-        torch.set_num_threads(spec.threads)  # Ray sets OMP_NUM_THREADS=1 in its workers: undo that
+        torch.set_num_threads(spec.threads)  # the launchers also set OMP_NUM_THREADS for other threads
     torch.manual_seed(0)  # the service seeds 'random' weights the same way
     seg = Segmenter(
         spec.model,

@@ -22,6 +22,11 @@ import threading
 from .peers_engine import EngineSpec, add_engine_args, decode, load_engine, segment_images, spec_from_args
 
 
+def thread_env_vars(threads: int) -> dict:
+    n = str(threads or os.environ.get("OMP_NUM_THREADS") or os.cpu_count())
+    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+
+
 def build_app(spec: EngineSpec, max_delay_ms: float, max_ongoing: int):
     from ray import serve
     from starlette.requests import Request
@@ -30,7 +35,8 @@ def build_app(spec: EngineSpec, max_delay_ms: float, max_ongoing: int):
     @serve.deployment(
         num_replicas=1,
         max_ongoing_requests=max_ongoing,
-        ray_actor_options={"num_cpus": 0},  # placement only; the engine sets its own torch threads
+        # num_cpus is placement only; Ray would set OMP_NUM_THREADS=1 in the replica: pass the engine's.
+        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": thread_env_vars(spec.threads)}},
     )
     class Segment:
         def __init__(self):
