@@ -30,6 +30,8 @@ from service.bench.peers_perf import peers_venv, perf_analyzer_binary, run_perf_
 from tests.servicekit import BISENET, ROOT
 
 REQUIRED = os.environ.get("BISENET_REQUIRE_PEERS") == "1"
+# Ray Serve's own pydantic models use deprecated Field arguments: not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")
 SIZE = (96, 160)  # small frames and a small resize scale: milliseconds per image on the CPU
 
 
@@ -165,7 +167,7 @@ def test_perf_analyzer_against_the_service(protocol, service, spec, jpeg):
     if not bench_peers.has_v2_config(service.url, spec.model):
         pytest.skip("the service does not answer GET /v2/models/{model}/config yet (v2 endpoints)")
     url = service.url.removeprefix("http://") if protocol == "http" else service.grpc
-    result = run_perf_analyzer(url, spec.model, protocol, 2, SIZE, window_ms=4000, trials=3, timeout=180)
+    result = run_perf_analyzer(url, spec.model, protocol, 2, SIZE, window_ms=2000, trials=3, timeout=180)
     assert result.throughput > 0 and 0 < result.p50_ms <= result.p99_ms
 
 
