@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 CONSTRAINTS ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c constraints-cpu.txt")
 ARGS ?=
 
-.PHONY: venv run test test-parity test-parity-slow parity-venv lint format proto bench clean
+.PHONY: venv run test test-parity test-parity-slow parity-venv test-peers peers-venv lint format proto bench clean
 
 venv: $(VENV)/.installed
 
@@ -22,12 +22,13 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 run: venv
 	$(PY) -m service $(ARGS)
 
-test: venv parity-venv
+test: venv parity-venv peers-venv
 	bash tools/ensure_deploy_tools.sh $(VENV)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q --ignore=$(PEERS_TESTS) $(ARGS)
 	$(PARITY_PYTEST)
+	$(PEERS_PYTEST)
 
 lint: venv
 	$(PY) -m ruff check .
@@ -43,7 +44,7 @@ bench: venv
 	$(VENV)/bin/bisenet bench model
 
 clean:
-	rm -rf $(VENV) $(MMSEG_VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(MMSEG_VENV) $(PEERS_VENV) .pytest_cache .ruff_cache
 
 # Parity with a real mmsegmentation 1.2.2 (decode logits, inference_model labels, the training
 # augmentation, CPU speed), in a venv of its own, .venv-parity/ (git-ignored): mmseg pins old
@@ -88,3 +89,24 @@ $(MMSEG_VENV)/.installed: Makefile pyproject.toml constraints-cpu.txt
 	$(MMSEG_PY) -m pip install -q --no-deps -e .
 	$(MMSEG_PY) -c "import cv2, mmseg, mmengine, mmcv; print('parity venv: mmseg', mmseg.__version__, 'cv2', cv2.__version__)"
 	touch $@
+
+# The peers of `bisenet bench peers` (docs/peers.md): Triton through PyTriton, which pins numpy < 2,
+# and perf_analyzer (from tritonclient[all]==2.51.0, with libcudart and Debian's libb64-0d), in a venv
+# of their own, .venv-peers/ (git-ignored), built by tools/ensure_peers_venv.sh (once: a stamp file).
+# Ray Serve is in the main venv (dev extras). `make test` runs the peer smoke tests after the main
+# suite with BISENET_REQUIRE_PEERS=1, so a missing peer fails instead of skipping; `make test-peers`
+# runs just those; `make bench-peers` prints the comparison table (`ARGS="--gpu"` on a GPU).
+PEERS_VENV ?= .venv-peers
+PEERS_TESTS ?= tests/test_peers.py
+PEERS_PYTEST = BISENET_REQUIRE_PEERS=1 BISENET_PEERS_VENV=$(PEERS_VENV) $(PY) -m pytest -q -p no:cacheprovider $(PEERS_TESTS)
+
+.PHONY: bench-peers
+
+peers-venv:
+	bash tools/ensure_peers_venv.sh $(PEERS_VENV)
+
+test-peers: venv peers-venv
+	$(PEERS_PYTEST)
+
+bench-peers: venv peers-venv
+	BISENET_PEERS_VENV=$(PEERS_VENV) $(VENV)/bin/bisenet bench peers $(ARGS)

@@ -136,7 +136,8 @@ def safe_load(path: Path) -> dict:
     """
     import numpy as np
 
-    core = np._core if hasattr(np, "_core") else np.core  # numpy 2 renamed (and deprecated) np.core
+    # numpy 2 renamed (and deprecated) np.core; numpy 1.26 has a np._core stub without multiarray.
+    core = np._core if int(np.__version__.split(".")[0]) >= 2 else np.core
     allowed = [np.dtype, np.ndarray, core.multiarray.scalar, core.multiarray._reconstruct]  # type: ignore[attr-defined]
     allowed += [type(np.dtype(t)) for t in ("float32", "float64", "int64", "int32", "uint8", "bool")]
     try:
