@@ -19,6 +19,7 @@ from .config import ALIASES, Settings
 from .errors import CODES, ServiceError
 from .metrics import Metrics
 from .worker.link import Dispatcher, Result, WorkerLink
+from .worker.shm import Slot
 
 log = logging.getLogger("service")
 DEFAULT_TIMEOUT = 120.0  # seconds a request without a deadline may wait before 504
@@ -27,8 +28,26 @@ DEFAULT_TIMEOUT = 120.0  # seconds a request without a deadline may wait before 
 @dataclass
 class Served:
     result: Result
-    image: np.ndarray | None  # the decoded RGB image (for overlays)
+    image: np.ndarray | None  # the decoded RGB image (for overlays); None when the worker decoded it
     timings: dict  # seconds: decode, queue, inference (encode added by the caller)
+    data: bytes | None = None  # the encoded image, kept while `image` is None
+
+    def decoded_image(self) -> np.ndarray:
+        """The RGB image, decoded here on first use when the worker did the decoding (overlays)."""
+        if self.image is None:
+            self.image = imaging.decode_image(self.data, self.result.labels.size)
+        return self.image
+
+
+@dataclass
+class Placed:
+    """An image in its shared-memory slot, ready to submit."""
+
+    image: np.ndarray | None  # None: the slot holds the compressed bytes (--decode worker)
+    slot: Slot
+    shape: tuple[int, int]
+    encoded: int  # bytes of compressed image in the slot, 0 for pixels
+    seconds: float  # decoding (or header reading) and copying
 
 
 def fetch_weights(settings: Settings) -> dict[str, str]:
@@ -65,6 +84,10 @@ class SegmentationService:
         )
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="codec")
         self.default_model = settings.models[0].name
+        # auto: decode where it is cheapest, on the GPU with nvJPEG; on a CPU the front end's
+        # threads decode in parallel with the worker instead of in its one run thread.
+        on_cuda = all(d.startswith("cuda") for d in self.dispatcher.devices)
+        self.decode_in_worker = settings.decode == "worker" or (settings.decode == "auto" and on_cuda)
         self.started = time.time()
 
     async def start(self) -> None:
@@ -96,8 +119,12 @@ class SegmentationService:
     async def run_in_pool(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
-    def _decode_and_place(self, data: bytes | None, rgb: np.ndarray | None):
+    def _decode_and_place(self, data: bytes | None, rgb: np.ndarray | None) -> Placed:
         start = time.perf_counter()
+        if rgb is None and self.decode_in_worker:
+            header = imaging.read_header(data, self.settings.max_pixels)
+            slot = self.dispatcher.place_encoded(data, header.height, header.width)
+            return Placed(None, slot, (header.height, header.width), len(data), time.perf_counter() - start)
         if rgb is None:
             rgb = imaging.decode_image(data, self.settings.max_pixels)
         elif rgb.shape[0] * rgb.shape[1] > self.settings.max_pixels:
@@ -105,7 +132,7 @@ class SegmentationService:
                 "too_large", f"frame has {rgb.shape[0] * rgb.shape[1]} pixels; the limit is {self.settings.max_pixels}"
             )
         decoded = time.perf_counter() - start
-        return rgb, self.dispatcher.place(rgb), decoded
+        return Placed(rgb, self.dispatcher.place(rgb), rgb.shape[:2], 0, decoded)
 
     async def _decode_and_place_async(self, data, rgb):
         task = asyncio.get_running_loop().run_in_executor(self.pool, self._decode_and_place, data, rgb)
@@ -119,7 +146,7 @@ class SegmentationService:
         """The caller went away mid-decode: give the slot back once the thread is done with it, and
         refresh the gauge (no later submit may come to do it). A cancelled task (pool shut down) holds none."""
         if not task.cancelled() and task.exception() is None:
-            self.dispatcher.release_slot(task.result()[1])
+            self.dispatcher.release_slot(task.result().slot)
 
     async def segment(
         self,
@@ -136,12 +163,12 @@ class SegmentationService:
         deadline = admitted + deadline_ms / 1000 if deadline_ms else None
         self.dispatcher.admit(model)
         try:
-            image, slot, decode_s = await self._decode_and_place_async(data, rgb)
-            self.metrics.decode.labels(protocol).observe(decode_s)
+            placed = await self._decode_and_place_async(data, rgb)
+            self.metrics.decode.labels(protocol).observe(placed.seconds)
             try:
-                future = self.dispatcher.submit(model, slot, image.shape[:2], deadline, link)
+                future = self.dispatcher.submit(model, placed.slot, placed.shape, deadline, link, placed.encoded)
             except ServiceError:
-                self.dispatcher.release_slot(slot)
+                self.dispatcher.release_slot(placed.slot)
                 raise
             timeout = (deadline - time.monotonic()) if deadline else DEFAULT_TIMEOUT
             try:
@@ -156,7 +183,7 @@ class SegmentationService:
                 raise
         finally:
             self.dispatcher.release(model)
-        return Served(result, image, {"decode": decode_s, **result.timings})
+        return Served(result, placed.image, {"decode": placed.seconds, **result.timings}, data)
 
     def count_rejection(self, error: ServiceError) -> None:
         self.metrics.rejected.labels(error.reason).inc()

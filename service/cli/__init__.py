@@ -22,12 +22,17 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "prepare-cityscapes": ("model.training.cityscapes", "main", "write Cityscapes train-id label files"),
     "check-data": ("model.training.data", "check_main", "run the dataset checks training runs first"),
     "export": ("model.export", "main", "write an ONNX file"),
-    "bench": ("service.cli", "bench_main", "benchmarks: `bench model` (engine), `bench service` (load)"),
+    "bench": (
+        "service.cli",
+        "bench_main",
+        "benchmarks: `bench model` (engine), `bench service` (load), `bench decode`",
+    ),
 }
 
 BENCHES: dict[str, tuple[str, str, str]] = {
     "model": ("model.bench", "main", "engine images/s and latency per optimisation, label agreement"),
     "service": ("service.bench.cli", "main", "load sweeps over REST/gRPC, streams, the raw engine beside"),
+    "decode": ("service.bench.decode", "main", "worker-side (nvJPEG) against front-end decoding: labels, time"),
 }
 
 

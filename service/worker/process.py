@@ -5,6 +5,7 @@ Messages (small tuples over a multiprocessing Pipe; pixels stay in shared memory
   worker -> front  ("ready", info) | ("fatal", message) | ("running", [ids])
                    ("done", [ids], batch_info) | ("expired", [ids]) | ("failed", [ids], message)
                    ("cancelled", id) | ("stats", stats)
+                   ("invalid", [(id, message)])   images that failed to decode in the worker
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-import numpy as np
-
+from .decode import FrameDecoder
 from .scheduler import BatchScheduler, Job
 from .shm import SlotMaps
 
@@ -37,6 +37,8 @@ class WorkerConfig:
     warm_shapes: tuple[tuple[int, int], ...]
     resize_scale: tuple[int, int] = (2048, 1024)
     log_level: str = "info"
+    batching: str = "greedy"  # scheduler policy: greedy | wait
+    max_pixels: int = 4096 * 4096  # for images decoded here (--decode worker)
 
 
 def _die_with_parent() -> None:
@@ -53,7 +55,8 @@ class Worker:
         self.config = config
         self.send_lock = threading.Lock()
         self.cond = threading.Condition()
-        self.scheduler = BatchScheduler(config.max_batch, config.max_delay, config.budget)
+        self.scheduler = BatchScheduler(config.max_batch, config.max_delay, config.budget, config.batching)
+        self.decoder = FrameDecoder(config.device, config.max_pixels)
         self.maps = SlotMaps()
         self.stopping = False
         self.models: dict = {}
@@ -140,7 +143,12 @@ class Worker:
         try:
             seg = self.models[batch[0].model]
             h, w = batch[0].height, batch[0].width
-            images = np.stack([self.maps.view(j.slot, h * w * 3).reshape(h, w, 3) for j in batch])
+            pixels = self.decoder.load(batch, self.maps)  # decode hook: compressed slots -> pixels
+            if pixels.invalid:
+                self.send("invalid", [(j.id, message) for j, message in pixels.invalid])
+            batch, ids, images = pixels.jobs, [j.id for j in pixels.jobs], pixels.images
+            if not batch:
+                return
             replays = seg.engine.replays
             labels = seg.engine.segment(images)
             replayed = seg.engine.replays > replays

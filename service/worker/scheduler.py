@@ -3,7 +3,10 @@
 - Requests are grouped by (model, height, width): only those can share a batch (and a graph).
 - Urgency is the request's deadline, or arrival + the frame budget when it has none; the group
   holding the most urgent request that is due runs first (earliest deadline first).
-- A group is due when it holds `max_batch` requests, when its oldest request has waited
+- Two policies decide when a group is due:
+  `greedy` (the service default, `--batching greedy`): at once. The worker runs what is queued as soon as it is free, so a lone
+  request never waits, and batches form from what arrives while the previous batch runs.
+  `wait`: when the group holds `max_batch` requests, when its oldest request has waited
   `max_delay`, or when its most urgent deadline would pass by waiting longer.
 - Requests whose deadline has passed are handed back as expired, never computed.
 """
@@ -23,16 +26,23 @@ class Job:
     deadline: float | None  # time.monotonic() value, shared by the processes of one machine
     arrival: float
     urgency: float = field(default=0.0, compare=False)
+    encoded: int = 0  # > 0: the slot holds this many bytes of a compressed image (--decode worker)
 
     @property
     def key(self) -> tuple[str, int, int]:
         return self.model, self.height, self.width
 
 
+POLICIES = ("greedy", "wait")
+
+
 class BatchScheduler:
-    def __init__(self, max_batch: int, max_delay: float, default_budget: float):
+    def __init__(self, max_batch: int, max_delay: float, default_budget: float, policy: str = "wait"):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown batching policy {policy!r}; use one of {', '.join(POLICIES)}")
         self.max_batch = max_batch
-        self.max_delay = max_delay
+        self.max_delay = 0.0 if policy == "greedy" else max_delay
+        self.policy = policy
         self.default_budget = default_budget
         self._groups: dict[tuple[str, int, int], list[Job]] = {}
         self._where: dict[int, tuple[str, int, int]] = {}
