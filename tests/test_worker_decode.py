@@ -190,10 +190,14 @@ def test_cpu_seconds_counts_this_process():
     assert cpu_seconds(2**22 + 12345) == 0.0  # no such process
 
 
-def test_probe_cost_per_frame():
+def test_probe_cost_per_frame_less_the_idle_rate():
     probe = ServiceProbe(url=None, front_pid=1)
-    cost = probe.cost(Snapshot(1.0, 2.0, 10, 5), Snapshot(1.5, 4.0, 22, 9), frames=100)
+    cost = probe.cost(Snapshot(1.0, 2.0, 10, 5, wall=0.0), Snapshot(1.5, 4.0, 22, 9, wall=10.0), frames=100)
     assert cost.front_ms_per_frame == pytest.approx(5.0)
     assert cost.worker_ms_per_frame == pytest.approx(20.0)
     assert cost.mean_batch == pytest.approx(3.0)
+    probe.idle_front, probe.idle_worker = 0.02, 0.5  # CPU s per s: 0.2 s and 5 s over the 10 s level
+    cost = probe.cost(Snapshot(1.0, 2.0, 10, 5, wall=0.0), Snapshot(1.5, 4.0, 22, 9, wall=10.0), frames=100)
+    assert cost.front_ms_per_frame == pytest.approx(3.0)
+    assert cost.worker_ms_per_frame == 0.0  # never below zero
     assert ServiceProbe(None, None).cost(Snapshot(0, 0, 0, 0), Snapshot(1, 1, 0, 0), 10).front_ms_per_frame is None

@@ -29,6 +29,7 @@ from .processes import free_port, spawn_service
 async def run(args) -> list[Level]:
     body = sample_jpeg(parse_shape(args.size), args.image)
     probe = ServiceProbe(args.url, args.pid)
+    await asyncio.to_thread(probe.measure_idle, args.idle_seconds)
     if args.protocol == "grpc":
         from . import grpc_load
 
@@ -95,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="PID of a service running on this machine (--url), to report its front-end and worker CPU "
         "per frame (--spawn knows it)",
+    )
+    p.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=3.0,
+        help="seconds to measure the service's idle CPU before the load; subtracted from the CPU columns",
     )
     p.add_argument("--model", default=None, help="model to request (default: the service's first)")
     p.add_argument("--raw-model", default="bisenetv1_r18", help="architecture for the raw engine measurement")

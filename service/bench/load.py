@@ -145,7 +145,10 @@ def _ms(value: float | None) -> str:
 
 def print_table(levels: list[Level], budget: float, raw: float, device: str) -> None:
     print(f"\nraw engine: {raw:.2f} images/s on {device}; budget {budget * 1000:.1f} ms")
-    print("open-loop latency counts from each request's scheduled send time; CPU ms are per answered frame\n")
+    print(
+        "open-loop latency counts from each request's scheduled send time; CPU ms are per answered frame, "
+        "less the service's idle CPU\n"
+    )
     print(
         "| mode | load | ok/sent | images/s | vs raw | p50 ms | p90 ms | p99 ms | within budget "
         "| front-end CPU ms | worker CPU ms | mean batch |"
