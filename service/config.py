@@ -34,7 +34,7 @@ class Settings:
     grpc_port: int = 50051
     max_batch: int = 8
     max_delay_ms: float = 5.0
-    batching: str = "greedy"  # greedy: run what is queued when the worker is free; wait: up to max_delay_ms
+    batching: str = "wait"  # wait: up to max_delay_ms for a batch to fill; greedy: run what is queued at once
     decode: str = "auto"  # frontend | worker | auto (worker on CUDA, frontend on CPU)
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8)
     warm_shapes: tuple[tuple[int, int], ...] = ((1024, 2048),)

@@ -21,12 +21,15 @@ WAIT_MS = 600  # the `wait` service's batching delay: long enough to tell from g
 @pytest.fixture(scope="module")
 def services(varied_r18_checkpoint):
     model = ["--model", f"bisenetv1_r18={varied_r18_checkpoint}"]
-    # frontend decode with greedy batching (the default) and a long --max-delay-ms that greedy ignores;
-    # worker decode with `wait` batching, so that three requests sent together form one batch.
-    front = Service([*FAST_ARGS, *model, "--max-pixels", "1000000", "--max-batch", "3", "--max-delay-ms", "5000"])
+    # frontend decode with greedy batching and a long --max-delay-ms that greedy ignores; worker
+    # decode with `wait` batching (the default), so that three requests sent together form one batch.
+    front = Service(
+        [*FAST_ARGS, *model, "--max-pixels", "1000000", "--max-batch", "3"]
+        + ["--batching", "greedy", "--max-delay-ms", "5000"]
+    )
     worker = Service(
         [*FAST_ARGS, *model, "--max-pixels", "1000000", "--max-batch", "3"]
-        + ["--decode", "worker", "--batching", "wait", "--max-delay-ms", str(WAIT_MS)]
+        + ["--decode", "worker", "--max-delay-ms", str(WAIT_MS)]
     )
     try:
         yield {"frontend": front.wait_ready(), "worker": worker.wait_ready()}

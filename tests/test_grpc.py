@@ -41,8 +41,6 @@ def service(r18_checkpoint):
             f"bisenetv1_r18={r18_checkpoint}",
             "--max-batch",
             "4",
-            "--batching",  # the stream tests count on pairs of frames sharing a batch (10 ms wait)
-            "wait",
             "--max-delay-ms",
             "10",
             "--max-image-bytes",

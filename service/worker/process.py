@@ -37,7 +37,7 @@ class WorkerConfig:
     warm_shapes: tuple[tuple[int, int], ...]
     resize_scale: tuple[int, int] = (2048, 1024)
     log_level: str = "info"
-    batching: str = "greedy"  # scheduler policy: greedy | wait
+    batching: str = "wait"  # scheduler policy: wait | greedy
     max_pixels: int = 4096 * 4096  # for images decoded here (--decode worker)
 
 

@@ -4,10 +4,10 @@
 - Urgency is the request's deadline, or arrival + the frame budget when it has none; the group
   holding the most urgent request that is due runs first (earliest deadline first).
 - Two policies decide when a group is due:
-  `greedy` (the service default, `--batching greedy`): at once. The worker runs what is queued as soon as it is free, so a lone
-  request never waits, and batches form from what arrives while the previous batch runs.
-  `wait`: when the group holds `max_batch` requests, when its oldest request has waited
+  `wait` (the default): when the group holds `max_batch` requests, when its oldest request has waited
   `max_delay`, or when its most urgent deadline would pass by waiting longer.
+  `greedy`: at once. The worker runs what is queued as soon as it is free, so a lone request never
+  waits, and batches form only from what arrives while the previous batch runs.
 - Requests whose deadline has passed are handed back as expired, never computed.
 """
 
