@@ -272,8 +272,8 @@ def test_bench_service_spawns_the_service_and_prints_the_table():
         "30",
         "--raw-batch",
         "1",
-        "--idle-seconds",
-        "1",
+        "--idle-seconds",  # no idle subtraction: the CPU columns must then be positive
+        "0",
         "--device",
         "cpu",
     ]

@@ -87,19 +87,19 @@ class ServiceProbe:
         """The idle CPU rate of both processes, to subtract from the levels (call with no load)."""
         if not self.front_pid or seconds <= 0:
             return
-        before = self.snapshot()
+        before = self.snapshot(batches=False)  # no /metrics request: it would count as idle CPU
         time.sleep(seconds)
-        after = self.snapshot()
+        after = self.snapshot(batches=False)
         elapsed = after.wall - before.wall
         self.idle_front = max(after.front_cpu - before.front_cpu, 0.0) / elapsed
         self.idle_worker = max(after.worker_cpu - before.worker_cpu, 0.0) / elapsed
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self, batches: bool = True) -> Snapshot:
         front = worker = 0.0
         if self.front_pid:
             front = cpu_seconds(self.front_pid)
             worker = sum(cpu_seconds(pid) for pid in worker_pids(self.front_pid))
-        batch_sum, batch_count = self._batch_totals()
+        batch_sum, batch_count = self._batch_totals() if batches else (0.0, 0.0)
         return Snapshot(front, worker, batch_sum, batch_count, time.monotonic())
 
     def _batch_totals(self) -> tuple[float, float]:
