@@ -133,6 +133,21 @@ def test_a_batch_of_only_broken_images_has_no_pixels(slots, picture):
     assert pixels.jobs == [] and pixels.images is None and len(pixels.invalid) == 1
 
 
+def test_cuda_decoder_sends_only_upright_jpegs_to_nvjpeg(picture):
+    """nvJPEG ignores EXIF orientation: rotated JPEGs, other formats and broken headers take the CPU
+    path (checked without a GPU: that path never touches CUDA or torchvision)."""
+    decoder = FrameDecoder("cuda:0", max_pixels=10_000)
+    assert decoder._upright_jpeg(encode(picture, quality=90))
+    assert decoder._upright_jpeg(with_orientation(picture, 1))
+    for body in (with_orientation(picture, 6), with_orientation(picture, 3), encode(picture, "PNG"), b"\xff\xd8\xff"):
+        assert not decoder._upright_jpeg(body)
+    rotated = with_orientation(picture, 6)
+    frames = decoder.decode([rotated, encode(picture, "PNG")])
+    np.testing.assert_array_equal(frames[0], imaging.decode_image(rotated, 10_000))
+    assert frames[0].shape == (48, 32, 3)
+    np.testing.assert_array_equal(frames[1], picture)
+
+
 # -- greedy batching ---------------------------------------------------------------------------------
 def job(i, shape=(4, 4), arrival=0.0, deadline=None):
     return Job(i, "m", f"slot{i}", shape[0], shape[1], deadline, arrival)

@@ -4,8 +4,8 @@ batching, just before the engine.
 
 - On a CUDA device, JPEGs of a batch are decoded together on the GPU with nvJPEG
   (`torchvision.io.decode_jpeg`, imported only there: torchvision does not load beside the CPU
-  build of torch). Other formats, and any JPEG nvJPEG refuses, go through the front end's own
-  decoder on the CPU.
+  build of torch). Other formats, JPEGs with an EXIF rotation (nvJPEG ignores it) and any JPEG
+  nvJPEG refuses go through the front end's own decoder on the CPU.
 - On the CPU, every image goes through the front end's decoder (`imaging.decode_image`), so labels
   are exactly what `--decode frontend` gives.
 - An image that fails to decode fails alone (400 invalid_image); the rest of its batch runs.
@@ -79,11 +79,21 @@ class FrameDecoder:
         """Compressed images -> HxWx3 uint8 frames (numpy, or tensors on the CUDA device), or for
         each image that cannot be decoded the reason, as a string."""
         frames: list = [None] * len(blobs)
-        jpegs = [i for i, b in enumerate(blobs) if self.on_cuda and b.startswith(JPEG_MAGIC)]
+        jpegs = [i for i, b in enumerate(blobs) if self.on_cuda and self._upright_jpeg(b)]
         if jpegs:
             for i, frame in zip(jpegs, self._nvjpeg([blobs[i] for i in jpegs])):
                 frames[i] = frame
         return [frame if frame is not None else self._pillow(blob) for frame, blob in zip(frames, blobs)]
+
+    def _upright_jpeg(self, blob: bytes) -> bool:
+        """A JPEG without an EXIF rotation: nvJPEG's path ignores EXIF orientation, so rotated
+        photos (rare in video and camera streams) are decoded on the CPU, rotated as mmseg does."""
+        if not blob.startswith(JPEG_MAGIC):
+            return False
+        try:
+            return imaging.read_header(blob, self.max_pixels).orientation == 1
+        except ServiceError:
+            return False  # the CPU decode reports what is wrong with it
 
     def _pillow(self, blob: bytes):
         try:
@@ -98,9 +108,7 @@ class FrameDecoder:
         if self._decode_jpeg is None:
             from torchvision.io import ImageReadMode, decode_jpeg
 
-            self._decode_jpeg = lambda data: decode_jpeg(
-                data, mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=True
-            )
+            self._decode_jpeg = lambda data: decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
         tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
         try:
             return [t.permute(1, 2, 0) for t in self._decode_jpeg(tensors)]
