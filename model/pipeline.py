@@ -29,8 +29,11 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def host_tensor(array: np.ndarray) -> torch.Tensor:
-    """A tensor sharing `array`'s memory (read-only arrays too: they are only ever read)."""
+def host_tensor(array: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A tensor sharing `array`'s memory (read-only arrays too: they are only ever read). A tensor
+    (an image decoded on the device) is used as it is."""
+    if isinstance(array, torch.Tensor):
+        return array
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
         return torch.from_numpy(array)
@@ -81,7 +84,7 @@ class HostDevicePipeline:
     def submit(
         self,
         run: Callable[[torch.Tensor], torch.Tensor],
-        inputs: Sequence[np.ndarray],
+        inputs: Sequence[np.ndarray | torch.Tensor],
         outputs: Sequence[np.ndarray],
     ) -> InFlight:
         """Same-shape (H, W, 3) uint8 `inputs` -> `run` -> (H, W) uint8 labels into `outputs`."""
@@ -95,6 +98,8 @@ class HostDevicePipeline:
         with self._stream(self.copy_in if cuda else None):
             if cuda and self._consumed[slot] is not None:
                 self.copy_in.wait_event(self._consumed[slot])
+            if cuda and any(isinstance(image, torch.Tensor) for image in inputs):
+                self.copy_in.wait_stream(torch.cuda.current_stream(self.device))  # decoded there (nvJPEG)
             for i, image in enumerate(inputs):
                 staging[i].copy_(host_tensor(image), non_blocking=True)
             copied_in = torch.cuda.Event() if cuda else None

@@ -36,6 +36,8 @@ class Settings:
     grpc_port: int = 50051
     max_batch: int = 8
     max_delay_ms: float = 5.0
+    batching: str = "wait"  # wait: up to max_delay_ms for a batch to fill; greedy: run what is queued at once
+    decode: str = "auto"  # frontend | worker | auto (worker on CUDA, frontend on CPU)
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8)
     warm_shapes: tuple[tuple[int, int], ...] = ((1024, 2048),)
     lazy_capture_shapes: int = 4  # shapes beyond the warm ones that may get CUDA graphs
@@ -140,6 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-delay-ms",
         default=_env("MAX_DELAY_MS", d.max_delay_ms),
         help="longest wait to fill a batch [BISENET_MAX_DELAY_MS]",
+    )
+    p.add_argument(
+        "--batching",
+        default=_env("BATCHING", d.batching),
+        help="greedy: an idle worker runs what is queued at once, batches form while it is busy; "
+        "wait: a batch waits up to --max-delay-ms to fill [BISENET_BATCHING]",
+    )
+    p.add_argument(
+        "--decode",
+        default=_env("DECODE", d.decode),
+        help="where images are decoded: frontend, worker (the front end reads only headers; JPEGs are "
+        "decoded on the GPU with nvJPEG), or auto (worker on CUDA, frontend on CPU) [BISENET_DECODE]",
     )
     p.add_argument(
         "--batch-buckets",
@@ -310,6 +324,10 @@ def load_settings(argv: list[str] | None = None) -> Settings:
         raise ConfigError(f"bad --dtype {args.dtype!r}: use auto, float32, float16 or bfloat16")
     if args.log_format.lower() not in ("text", "json"):
         raise ConfigError(f"bad --log-format {args.log_format!r}: use text or json")
+    if args.batching not in ("greedy", "wait"):
+        raise ConfigError(f"bad --batching {args.batching!r}: use greedy or wait")
+    if args.decode not in ("auto", "frontend", "worker"):
+        raise ConfigError(f"bad --decode {args.decode!r}: use auto, frontend or worker")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
     if args.tls_cert:
@@ -322,6 +340,8 @@ def load_settings(argv: list[str] | None = None) -> Settings:
         grpc_port=_number(args.grpc_port, "grpc-port", minimum=0),
         max_batch=max_batch,
         max_delay_ms=_number(args.max_delay_ms, "max-delay-ms", float, minimum=0),
+        batching=args.batching,
+        decode=args.decode,
         batch_buckets=buckets,
         warm_shapes=warm_shapes,
         lazy_capture_shapes=_number(args.lazy_capture_shapes, "lazy-capture-shapes", minimum=0),

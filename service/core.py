@@ -22,6 +22,7 @@ from .errors import CODES, ServiceError
 from .logs import Step
 from .metrics import Metrics
 from .worker.link import Dispatcher, Result, WorkerLink
+from .worker.shm import Slot
 
 log = logging.getLogger("service")
 DEFAULT_TIMEOUT = 120.0  # seconds a request without a deadline may wait before 504
@@ -30,13 +31,31 @@ DEFAULT_TIMEOUT = 120.0  # seconds a request without a deadline may wait before 
 @dataclass
 class Served:
     result: Result
-    image: np.ndarray | None  # the decoded RGB image (for overlays)
+    image: np.ndarray | None  # the decoded RGB image (for overlays); None when the worker decoded it
     timings: dict  # seconds: decode, queue, inference (encode added by the caller)
     tta: str = "none"  # the test-time augmentation that ran (chosen when the request said auto)
+    data: bytes | None = None  # the encoded image, kept while `image` is None
 
     @property
     def model(self) -> str:
         return self.result.model
+
+    def decoded_image(self) -> np.ndarray:
+        """The RGB image, decoded here on first use when the worker did the decoding (overlays)."""
+        if self.image is None:
+            self.image = imaging.decode_image(self.data, self.result.labels.size)
+        return self.image
+
+
+@dataclass
+class Placed:
+    """An image in its shared-memory slot, ready to submit."""
+
+    image: np.ndarray | None  # None: the slot holds the compressed bytes (--decode worker)
+    slot: Slot
+    shape: tuple[int, int]
+    encoded: int  # bytes of compressed image in the slot, 0 for pixels
+    seconds: float  # decoding (or header reading) and copying
 
 
 def fetch_weights(settings: Settings) -> dict[str, str]:
@@ -76,6 +95,10 @@ class SegmentationService:
         )
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="codec")
         self.default_model = settings.models[0].name
+        # auto: decode where it is cheapest, on the GPU with nvJPEG; on a CPU the front end's
+        # threads decode in parallel with the worker instead of in its one run thread.
+        on_cuda = all(d.startswith("cuda") for d in self.dispatcher.devices)
+        self.decode_in_worker = settings.decode == "worker" or (settings.decode == "auto" and on_cuda)
         self.started = time.time()
         menu = build_menu([(m.name, m.weights) for m in settings.models], settings.auto_order)
         self.chooser = Chooser(menu, self._predict, settings.auto_upgrade_frames, self._probe)
@@ -124,8 +147,12 @@ class SegmentationService:
     async def run_in_pool(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
-    def _decode_and_place(self, data: bytes | None, rgb: np.ndarray | None):
+    def _decode_and_place(self, data: bytes | None, rgb: np.ndarray | None) -> Placed:
         start = time.perf_counter()
+        if rgb is None and self.decode_in_worker:
+            header = imaging.read_header(data, self.settings.max_pixels)
+            slot = self.dispatcher.place_encoded(data, header.height, header.width)
+            return Placed(None, slot, (header.height, header.width), len(data), time.perf_counter() - start)
         if rgb is None:
             rgb = imaging.decode_image(data, self.settings.max_pixels)
         elif rgb.shape[0] * rgb.shape[1] > self.settings.max_pixels:
@@ -133,7 +160,7 @@ class SegmentationService:
                 "too_large", f"frame has {rgb.shape[0] * rgb.shape[1]} pixels; the limit is {self.settings.max_pixels}"
             )
         decoded = time.perf_counter() - start
-        return rgb, self.dispatcher.place(rgb), decoded
+        return Placed(rgb, self.dispatcher.place(rgb), rgb.shape[:2], 0, decoded)
 
     async def _decode_and_place_async(self, data, rgb):
         task = asyncio.get_running_loop().run_in_executor(self.pool, self._decode_and_place, data, rgb)
@@ -147,7 +174,7 @@ class SegmentationService:
         """The caller went away mid-decode: give the slot back once the thread is done with it, and
         refresh the gauge (no later submit may come to do it). A cancelled task (pool shut down) holds none."""
         if not task.cancelled() and task.exception() is None:
-            self.dispatcher.release_slot(task.result()[1])
+            self.dispatcher.release_slot(task.result().slot)
 
     async def segment(
         self,
@@ -174,13 +201,13 @@ class SegmentationService:
         model = self.chooser.placeholder(options)  # admitted under it until the choice is made
         self.dispatcher.admit(model)
         try:
-            image, slot, decode_s = await self._decode_and_place_async(data, rgb)
-            self.metrics.decode.labels(protocol).observe(decode_s)
+            placed = await self._decode_and_place_async(data, rgb)
+            self.metrics.decode.labels(protocol).observe(placed.seconds)
             try:
                 link = link or self.dispatcher.pick_link()
                 time_left = (deadline or admitted + self.settings.budget_seconds) - time.monotonic()
                 queued = link.queued_seconds()
-                choice = self.chooser.choose(options, *image.shape[:2], time_left, queued, stream)
+                choice = self.chooser.choose(options, *placed.shape, time_left, queued, stream)
                 if choice.mode.model != model:
                     self.dispatcher.release(model)
                     model = None
@@ -188,10 +215,10 @@ class SegmentationService:
                     model = choice.mode.model
                 self.metrics.mode_choices.labels(options.requested, str(choice.mode)).inc()
                 future = self.dispatcher.submit(
-                    model, slot, image.shape[:2], deadline, link, choice.mode.tta, choice.predicted
+                    model, placed.slot, placed.shape, deadline, link, choice.mode.tta, choice.predicted, placed.encoded
                 )
             except ServiceError:
-                self.dispatcher.release_slot(slot)
+                self.dispatcher.release_slot(placed.slot)
                 raise
             # Without a deadline: a generous wait, longer for work predicted to be long (ms_flip on a CPU).
             timeout = (deadline - time.monotonic()) if deadline else DEFAULT_TIMEOUT + 2 * (choice.predicted + queued)
@@ -208,7 +235,7 @@ class SegmentationService:
         finally:
             if model is not None:
                 self.dispatcher.release(model)
-        return Served(result, image, {"decode": decode_s, **result.timings}, choice.mode.tta)
+        return Served(result, placed.image, {"decode": placed.seconds, **result.timings}, choice.mode.tta, data)
 
     async def segment_batch(
         self,

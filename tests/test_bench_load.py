@@ -17,6 +17,7 @@ import pytest
 
 from service.bench import load
 from service.bench.load import Level, closed_loop, open_loop, print_table, sweep
+from service.bench.probe import Cost
 from tests.servicekit import BISENET, ROOT
 
 
@@ -175,6 +176,28 @@ def test_open_loop_keeps_the_rate_while_responses_are_slow(clock):
     assert 200 / schedule[-1] == pytest.approx(10.0, rel=0.25)  # the mean rate is `rate`, not 1/rate
 
 
+def test_open_loop_latency_counts_from_the_scheduled_send_time(clock):
+    """The client stalls for 1 s on its first send (a blocked loop, a slow connect): requests due
+    meanwhile go out late, and their latency includes the lag (no coordinated omission)."""
+    stalled = []
+
+    async def send() -> bool:
+        if not stalled:
+            stalled.append(clock.now)
+            clock.now += 1.0  # synchronous stall: nothing else runs meanwhile
+        await clock.sleep(0.1)
+        return True
+
+    level = clock.run(open_loop(send, rate=20.0, requests=10, seconds=1000, seed=0))
+    schedule = poisson_schedule(20.0, 10, 1000, seed=0)
+    late = [t for t in schedule[1:] if t < 1.0]
+    assert late  # the schedule has requests due during the stall
+    for due, latency in zip(schedule, sorted(level.latencies, reverse=True)):
+        if due in late:
+            assert latency >= 1.0 - due + 0.1 - 1e-9  # waited for the stall, then 0.1 s of service
+    assert max(level.latencies) == pytest.approx(1.1)  # the first: stalled 1 s, then served
+
+
 def test_open_loop_stops_after_the_seconds(clock):
     send = FakeSender(clock, duration=0.01, ok=lambda n: n % 2 == 0)
     level = clock.run(open_loop(send, rate=20.0, requests=10**6, seconds=3.0, seed=0))
@@ -217,16 +240,16 @@ def test_level_statistics():
 
 def test_print_table(capsys):
     levels = [
-        Level("rest closed", "c=1", 4, 4, 0, 2.0, [0.010, 0.020, 0.030, 0.040]),
-        Level("rest poisson", "5/s", 4, 3, 1, 1.0, [0.050, 0.050, 0.050]),
+        Level("rest closed", "c=1", 4, 4, 0, 2.0, [0.010, 0.020, 0.030, 0.040], Cost(2.5, 10.0, 1.5)),
+        Level("rest poisson", "5/s", 4, 3, 1, 1.0, [0.050, 0.050, 0.050]),  # nothing measured
     ]
     print_table(levels, budget=1 / 30, raw=4.0, device="cpu")
     out = capsys.readouterr().out
     assert "raw engine: 4.00 images/s on cpu; budget 33.3 ms" in out
     rows = [line for line in out.splitlines() if line.startswith("| rest")]
     assert rows == [
-        "| rest closed | c=1 | 4/4 | 2.00 | 50% | 25.0 | 37.0 | 39.7 | 75% |",
-        "| rest poisson | 5/s | 3/4 | 3.00 | 75% | 50.0 | 50.0 | 50.0 | 0% |",
+        "| rest closed | c=1 | 4/4 | 2.00 | 50% | 25.0 | 37.0 | 39.7 | 75% | 2.5 | 10.0 | 1.50 |",
+        "| rest poisson | 5/s | 3/4 | 3.00 | 75% | 50.0 | 50.0 | 50.0 | 0% | - | - | - |",
     ]
 
 
@@ -249,6 +272,8 @@ def test_bench_service_spawns_the_service_and_prints_the_table():
         "30",
         "--raw-batch",
         "1",
+        "--idle-seconds",  # no idle subtraction: the CPU columns must then be positive
+        "0",
         "--device",
         "cpu",
     ]
@@ -262,3 +287,6 @@ def test_bench_service_spawns_the_service_and_prints_the_table():
     ], run.stdout
     for row in rows:
         assert float(row[3]) > 0 and float(row[5]) > 0  # images/s and p50 ms
+        front_cpu, worker_cpu, mean_batch = (float(cell) for cell in row[9:12])
+        assert front_cpu > 0 and worker_cpu > 0  # read from the spawned processes
+        assert 1.0 <= mean_batch <= 2.0

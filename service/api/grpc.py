@@ -144,14 +144,15 @@ def effective_deadline_ms(request_ms: int, remaining_s: float | None) -> int | N
     return min(limits) if limits else None
 
 
-def encode_result(fmt: int, labels: np.ndarray, image: np.ndarray | None, palette, n_classes: int):
-    """(labels field bytes, per-class pixel counts); runs in the codec pool."""
+def encode_result(fmt: int, labels: np.ndarray, image, palette, n_classes: int):
+    """(labels field bytes, per-class pixel counts); runs in the codec pool. `image()` gives the RGB
+    image, decoding it only when an overlay needs it and the worker did the decoding."""
     if fmt == pb.LABELS_PNG:
         body = imaging.encode_png(labels, palette)
     elif fmt == pb.LABELS_RAW:
         body = labels.tobytes()
     elif fmt == pb.OVERLAY_JPEG:
-        body = imaging.encode_overlay(image, labels, palette)
+        body = imaging.encode_overlay(image(), labels, palette)
     else:
         body = b""
     counts = np.bincount(labels.ravel(), minlength=n_classes)[:n_classes]
@@ -197,7 +198,7 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
         labels = served.result.labels
         start = time.perf_counter()
         body, counts = await self.service.run_in_pool(
-            encode_result, request.format, labels, served.image, palette, len(classes)
+            encode_result, request.format, labels, served.decoded_image, palette, len(classes)
         )
         encode_s = time.perf_counter() - start
         self.metrics.encode.labels(FORMAT_LABEL.get(request.format, "png")).observe(encode_s)

@@ -8,9 +8,11 @@ become RGB.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import re
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -30,39 +32,76 @@ CONTENT_TYPES = {
 OUTPUT_FORMATS = ("png", "overlay", "json", "raw")
 
 
+# EXIF orientations 5-8 turn the image by 90 degrees: its displayed height is the stored width.
+_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
+_EXIF_ORIENTATION = 0x0112
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What the header alone tells: enough to admit, batch and size a request without decoding."""
+
+    format: str
+    height: int  # after EXIF orientation, i.e. the size of the label map
+    width: int
+    orientation: int  # EXIF orientation tag, 1 when absent
+
+
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     """Bytes -> HxWx3 uint8 RGB, refusing non-images (400) and oversized images before decoding (413)."""
+    with _image_errors():
+        img = _open_checked(data, max_pixels)
+        img = ImageOps.exif_transpose(img)  # decodes; rotates as mmseg's loader does
+        rgb = _to_rgb(img)
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ServiceError("invalid_image", "image has zero size")
+    return rgb
+
+
+def read_header(data: bytes, max_pixels: int) -> ImageHeader:
+    """The checks of `decode_image` that need no pixels (format, pixel limit, EXIF orientation), from
+    Pillow's lazy open: the header and EXIF block are parsed, the image data is not decoded."""
+    with _image_errors():
+        img = _open_checked(data, max_pixels)
+        orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+        width, height = img.size
+    if orientation in _TRANSPOSING_ORIENTATIONS:
+        width, height = height, width
+    if width == 0 or height == 0:
+        raise ServiceError("invalid_image", "image has zero size")
+    return ImageHeader(img.format, height, width, orientation)
+
+
+def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
+    """Lazy open (header only), refusing empty bodies, unknown formats and images over the pixel limit."""
     if not data:
         raise ServiceError("invalid_image", "empty image: the request carried no bytes")
+    img = Image.open(io.BytesIO(data))
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ServiceError(
+            "too_large", f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels} pixels"
+        )
+    if img.format not in FORMATS:
+        raise ServiceError("invalid_image", f"unsupported image format {img.format}; send JPEG, PNG, WebP, BMP or TIFF")
+    return img
+
+
+@contextlib.contextmanager
+def _image_errors():
+    """Pillow's many ways of saying 'not an image' become 400 invalid_image, bombs 413 too_large."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))  # lazy: reads the header only
-            width, height = img.size
-            if width * height > max_pixels:
-                raise ServiceError(
-                    "too_large",
-                    f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels} pixels",
-                )
-            if img.format not in FORMATS:
-                raise ServiceError(
-                    "invalid_image", f"unsupported image format {img.format}; send JPEG, PNG, WebP, BMP or TIFF"
-                )
-            img = ImageOps.exif_transpose(img)  # decodes; rotates as mmseg's loader does
-            rgb = _to_rgb(img)
+            yield
     except ServiceError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ServiceError("too_large", f"image refused as a decompression bomb: {exc}") from None
     except UnidentifiedImageError:
-        raise ServiceError(
-            "invalid_image", f"cannot decode image: {len(data)} bytes that are not a JPEG, PNG, WebP, BMP or TIFF file"
-        ) from None
+        raise ServiceError("invalid_image", "cannot decode image: not a JPEG, PNG, WebP, BMP or TIFF file") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ServiceError("invalid_image", f"cannot decode image: {describe(exc)}") from None
-    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise ServiceError("invalid_image", "image has zero size")
-    return rgb
 
 
 OBJECT_REPR = re.compile(r"\s*<[^<>]* (?:object )?at 0x[0-9a-fA-F]+>")

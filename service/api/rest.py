@@ -215,7 +215,8 @@ async def encode_response(service: SegmentationService, served: Served, model: s
     elif fmt == "png":
         body = await service.run_in_pool(imaging.encode_png, labels, palette)
     elif fmt == "overlay":
-        body = await service.run_in_pool(imaging.encode_overlay, served.image, labels, palette)
+        # decoded_image(): in the pool, as it decodes here when the worker did the decoding
+        body = await service.run_in_pool(lambda: imaging.encode_overlay(served.decoded_image(), labels, palette))
     else:
         body = labels.tobytes()
     served.timings["encode"] = time.perf_counter() - start

@@ -22,23 +22,26 @@ import httpx
 
 from ..config import parse_shape
 from .load import Level, print_table, raw_engine, rest_sender, sample_jpeg, sweep
+from .probe import ServiceProbe
 from .processes import free_port, spawn_service
 
 
 async def run(args) -> list[Level]:
     body = sample_jpeg(parse_shape(args.size), args.image)
+    probe = ServiceProbe(args.url, args.pid)
+    await asyncio.to_thread(probe.measure_idle, args.idle_seconds)
     if args.protocol == "grpc":
         from . import grpc_load
 
         async with grpc_load.channel(args.grpc) as ch:
             stub = grpc_load.pb_grpc.SegmentationStub(ch)
             make = grpc_load.request_factory(body, "jpeg", args.format, args.model)
-            return await sweep(grpc_load.unary_sender(stub, make, grpc_metadata(args)), args, "grpc")
+            return await sweep(grpc_load.unary_sender(stub, make, grpc_metadata(args)), args, "grpc", probe)
     params = {"format": args.format, **({"model": args.model} if args.model else {})}
     headers = {"X-API-Key": args.api_key} if args.api_key else {}
     limits = httpx.Limits(max_connections=1024, max_keepalive_connections=1024)
     async with httpx.AsyncClient(base_url=args.url, timeout=300, limits=limits, headers=headers) as client:
-        return await sweep(rest_sender(client, body, params), args, "rest")
+        return await sweep(rest_sender(client, body, params), args, "rest", probe)
 
 
 def grpc_metadata(args) -> tuple:
@@ -87,6 +90,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--spawn", metavar="ARGS", help="start `bisenet serve ARGS` on free ports for the run")
+    p.add_argument(
+        "--pid",
+        type=int,
+        default=None,
+        help="PID of a service running on this machine (--url), to report its front-end and worker CPU "
+        "per frame (--spawn knows it)",
+    )
+    p.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=3.0,
+        help="seconds to measure the service's idle CPU before the load; subtracted from the CPU columns",
+    )
     p.add_argument("--model", default=None, help="model to request (default: the service's first)")
     p.add_argument("--raw-model", default="bisenetv1_r18", help="architecture for the raw engine measurement")
     p.add_argument("--raw-weights", default="random", help="weights for the raw engine (speed does not depend on them)")
@@ -125,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.spawn:
         grpc_port = free_port() if uses_grpc else 0
         proc, args.url = spawn_service(args.spawn, grpc_port=grpc_port)
+        args.pid = proc.pid
         args.grpc = f"127.0.0.1:{grpc_port}"
     stream_levels, capacity = [], None
     try:

@@ -13,6 +13,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from .probe import Cost, ServiceProbe
+
 
 @dataclass
 class Level:
@@ -23,6 +25,7 @@ class Level:
     errors: int
     seconds: float
     latencies: list[float]
+    cost: Cost | None = None  # what the level cost the service (CPU per frame, mean batch)
 
     @property
     def throughput(self) -> float:
@@ -65,8 +68,10 @@ def rest_sender(client: httpx.AsyncClient, body: bytes, params: dict):
     return send
 
 
-async def _one(send, level: Level) -> None:
-    start = time.perf_counter()
+async def _one(send, level: Level, scheduled: float | None = None) -> None:
+    """One request; latency from `scheduled` (open loop: when it was due to be sent, so a sender that
+    falls behind its schedule counts the lag: no coordinated omission), else from now."""
+    start = time.perf_counter() if scheduled is None else scheduled
     ok = await send()
     level.sent += 1
     if ok:
@@ -101,7 +106,7 @@ async def open_loop(send, rate: float, requests: int, seconds: float, seed: int 
     next_at = start
     while len(tasks) < requests and next_at - start < seconds:
         await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
-        tasks.append(asyncio.create_task(_one(send, level)))
+        tasks.append(asyncio.create_task(_one(send, level, scheduled=next_at)))
         next_at += rng.expovariate(rate)
     await asyncio.gather(*tasks)
     level.seconds = time.perf_counter() - start
@@ -134,26 +139,50 @@ def raw_engine(
     return done / (time.perf_counter() - start)
 
 
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def print_table(levels: list[Level], budget: float, raw: float, device: str) -> None:
-    print(f"\nraw engine: {raw:.2f} images/s on {device}; budget {budget * 1000:.1f} ms\n")
-    print("| mode | load | ok/sent | images/s | vs raw | p50 ms | p90 ms | p99 ms | within budget |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"\nraw engine: {raw:.2f} images/s on {device}; budget {budget * 1000:.1f} ms")
+    print(
+        "open-loop latency counts from each request's scheduled send time; CPU ms are per answered frame, "
+        "less the service's idle CPU\n"
+    )
+    print(
+        "| mode | load | ok/sent | images/s | vs raw | p50 ms | p90 ms | p99 ms | within budget "
+        "| front-end CPU ms | worker CPU ms | mean batch |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for lv in levels:
+        cost = lv.cost or Cost(None, None, None)
+        batch = "-" if cost.mean_batch is None else f"{cost.mean_batch:.2f}"
         print(
             f"| {lv.mode} | {lv.load} | {lv.ok}/{lv.sent} | {lv.throughput:.2f} | {lv.throughput / raw:.0%} | "
             f"{lv.percentile(50) * 1000:.1f} | {lv.percentile(90) * 1000:.1f} | {lv.percentile(99) * 1000:.1f} | "
-            f"{lv.within(budget):.0%} |"
+            f"{lv.within(budget):.0%} | {_ms(cost.front_ms_per_frame)} | {_ms(cost.worker_ms_per_frame)} | {batch} |"
         )
 
 
-async def sweep(send, args, mode: str) -> list[Level]:
+async def _measured(level_coro, probe: ServiceProbe | None) -> Level:
+    """Run one level, with the service's CPU time and batch sizes read before and after it."""
+    if probe is None:
+        return await level_coro
+    before = await asyncio.to_thread(probe.snapshot)
+    level = await level_coro
+    after = await asyncio.to_thread(probe.snapshot)
+    level.cost = probe.cost(before, after, level.ok)
+    return level
+
+
+async def sweep(send, args, mode: str, probe: ServiceProbe | None = None) -> list[Level]:
     levels = []
     if args.warmup:
         await closed_loop(send, 1, args.warmup, 300)  # warm-up, not reported
     for c in [int(v) for v in args.concurrency.split(",") if v]:
-        levels.append(await closed_loop(send, c, args.requests, args.seconds))
+        levels.append(await _measured(closed_loop(send, c, args.requests, args.seconds), probe))
     for rate in [float(v) for v in args.rates.split(",") if v]:
-        levels.append(await open_loop(send, rate, args.requests, args.seconds))
+        levels.append(await _measured(open_loop(send, rate, args.requests, args.seconds), probe))
     for level in levels:
         level.mode = f"{mode} {level.mode}"
     return levels

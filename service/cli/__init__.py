@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "bench": (
         "service.cli",
         "bench_main",
-        "benchmarks: `bench model` (engine), `bench service` (load), `bench menu` (tta), `bench peers`",
+        "benchmarks: `bench model` (engine), `bench service` (load), `bench menu` (tta), `bench peers`, `bench decode`",
     ),
 }
 
@@ -34,6 +34,7 @@ BENCHES: dict[str, tuple[str, str, str]] = {
     "service": ("service.bench.cli", "main", "load sweeps over REST/gRPC, streams, the raw engine beside"),
     "menu": ("model.bench_menu", "main", "latency per model and tta mode beside the published mIoU (model=auto)"),
     "peers": ("service.bench.peers", "main", "the same engine under Triton (PyTriton), Ray Serve and this service"),
+    "decode": ("service.bench.decode", "main", "worker-side (nvJPEG) against front-end decoding: labels, time"),
 }
 
 

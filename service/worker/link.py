@@ -140,6 +140,9 @@ class WorkerLink:
         elif kind == "expired":
             for job_id in msg[1]:
                 self._fail(job_id, ServiceError("deadline_exceeded", "the deadline passed before the request ran"))
+        elif kind == "invalid":  # decoded in the worker, and the image was broken
+            for job_id, message in msg[1]:
+                self._fail(job_id, ServiceError("invalid_image", message))
         elif kind == "failed":
             for job_id in msg[1]:
                 self._fail(job_id, ServiceError("internal", f"inference failed: {msg[2]}"))
@@ -253,6 +256,8 @@ class Dispatcher:
                 log_format=s.log_format,
                 lazy_capture_shapes=s.lazy_capture_shapes,
                 lazy_capture_pixels=s.lazy_capture_pixels,
+                batching=s.batching,
+                max_pixels=s.max_pixels,
             )
             link = WorkerLink(device, config, self)
             self.links.append(link)
@@ -318,6 +323,12 @@ class Dispatcher:
         slot.write_image(image)
         return slot
 
+    def place_encoded(self, data: bytes, height: int, width: int) -> Slot:
+        """Copy a compressed image into a slot that can also take its HxW labels (--decode worker)."""
+        slot = self.slots.acquire(max(len(data), height * width))
+        slot.shm.buf[: len(data)] = data
+        return slot
+
     def pick_link(self) -> WorkerLink:
         """The ready worker with the fewest requests outstanding (streams keep the one they got)."""
         ready = [link for link in self.links if link.ready]
@@ -334,10 +345,12 @@ class Dispatcher:
         link: WorkerLink | None = None,
         tta: str = "none",
         cost: float = 0.0,
+        encoded: int = 0,
     ) -> asyncio.Future:
-        """Send an admitted request in `slot` to a worker; the future resolves to a Result."""
+        """Send an admitted request in `slot` to a worker; the future resolves to a Result.
+        `encoded` > 0: the slot holds that many bytes of a compressed image for the worker to decode."""
         link = link or self.pick_link()
-        job = Job(next(self._ids), model, slot.name, shape[0], shape[1], deadline, time.monotonic(), tta, cost)
+        job = Job(next(self._ids), model, slot.name, shape[0], shape[1], deadline, time.monotonic(), tta, cost, encoded)
         future = asyncio.get_running_loop().create_future()
         link.pending[job.id] = Pending(job, slot, future, link)
         self.metrics.shm_slots.set(self.slots.in_use)

@@ -11,6 +11,7 @@ copied in from the slots) while batch N computes, and a batch is answered once i
 in its slots. Between batches, when nothing is queued or in flight, the engines capture CUDA
 graphs for shapes their policy queued. A CUDA error that poisons the context ends the process
 (exit code DEVICE_ERROR_EXIT) after a ("dying", ...) message, so the supervisor restarts it.
+                   ("invalid", [(id, message)])   images that failed to decode in the worker (--decode worker)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from model.device_errors import fatal_device_error
 
 from ..logs import Step
 from ..logs import configure as configure_logging
+from .decode import FrameDecoder
 from .scheduler import BatchScheduler, Job
 from .shm import SlotMaps
 
@@ -55,6 +57,8 @@ class WorkerConfig:
     log_format: str = "text"
     lazy_capture_shapes: int = 4
     lazy_capture_pixels: int = 1024 * 2048
+    batching: str = "wait"  # scheduler policy: wait | greedy
+    max_pixels: int = 4096 * 4096  # for images decoded here (--decode worker)
 
 
 def warm_buckets(buckets: tuple[int, ...], cuda_graphs: bool) -> tuple[int, ...]:
@@ -71,6 +75,7 @@ class _Running:
     handle: object  # pipeline.InFlight
     start: float
     replayed: bool
+    images: list  # the inputs, kept alive until the batch is answered (decoded frames are not in slots)
 
 
 class PinnedSlotMaps(SlotMaps):
@@ -136,7 +141,8 @@ class Worker:
         self.config = config
         self.send_lock = threading.Lock()
         self.cond = threading.Condition()
-        self.scheduler = BatchScheduler(config.max_batch, config.max_delay, config.budget)
+        self.scheduler = BatchScheduler(config.max_batch, config.max_delay, config.budget, config.batching)
+        self.decoder = FrameDecoder(config.device, config.max_pixels)
         self.maps = PinnedSlotMaps(pin=config.device.startswith("cuda"))
         self.running: deque[_Running] = deque()
         self.stopping = False
@@ -261,11 +267,6 @@ class Worker:
                 self.die(exc)
         return False
 
-    def batch_inputs(self, batch: list[Job]) -> list[np.ndarray]:
-        """Per-job (H, W, 3) views of the pixels in the slots (no copies)."""
-        h, w = batch[0].height, batch[0].width
-        return [self.maps.view(j.slot, h * w * 3).reshape(h, w, 3) for j in batch]
-
     def batch_outputs(self, batch: list[Job]) -> list[np.ndarray]:
         """Per-job (H, W) views where the labels go: the start of each job's own slot."""
         h, w = batch[0].height, batch[0].width
@@ -278,12 +279,18 @@ class Worker:
         start = time.monotonic()
         try:
             engine = self.models[batch[0].model].engine
+            pixels = self.decoder.load(batch, self.maps)  # slot views, or images decoded here (--decode worker)
+            if pixels.invalid:
+                self.send("invalid", [(j.id, message) for j, message in pixels.invalid])
+            batch, ids = pixels.jobs, [j.id for j in pixels.jobs]
+            if not batch:
+                return
             replays = engine.replays
-            handle = engine.submit(self.batch_inputs(batch), self.batch_outputs(batch), batch[0].tta)
+            handle = engine.submit(pixels.images, self.batch_outputs(batch), batch[0].tta)
         except Exception as exc:  # noqa: BLE001 - one failed batch must not end the worker
             self.batch_failed(ids, exc)
             return
-        self.running.append(_Running(batch, handle, start, engine.replays > replays))
+        self.running.append(_Running(batch, handle, start, engine.replays > replays, pixels.images))
 
     def finish_batch(self, run: _Running) -> None:
         ids = [j.id for j in run.jobs]

@@ -3,8 +3,11 @@
 - Requests are grouped by (model, tta, height, width): only those can share a batch (and a graph).
 - Urgency is the request's deadline, or arrival + the frame budget when it has none; the group
   holding the most urgent request that is due runs first (earliest deadline first).
-- A group is due when it holds `max_batch` requests, when its oldest request has waited
+- Two policies decide when a group is due:
+  `wait` (the default): when the group holds `max_batch` requests, when its oldest request has waited
   `max_delay`, or when its most urgent deadline would pass by waiting longer.
+  `greedy`: at once. The worker runs what is queued as soon as it is free, so a lone request never
+  waits, and batches form only from what arrives while the previous batch runs.
 - Requests whose deadline has passed are handed back as expired, never computed.
 """
 
@@ -25,16 +28,23 @@ class Job:
     tta: str = "none"  # test-time augmentation: none, flip, ms_flip (model/tta.py)
     cost: float = 0.0  # predicted worker seconds (the front end's estimate; counts as work queued ahead)
     urgency: float = field(default=0.0, compare=False)
+    encoded: int = 0  # > 0: the slot holds this many bytes of a compressed image (--decode worker)
 
     @property
     def key(self) -> tuple[str, str, int, int]:
         return self.model, self.tta, self.height, self.width
 
 
+POLICIES = ("greedy", "wait")
+
+
 class BatchScheduler:
-    def __init__(self, max_batch: int, max_delay: float, default_budget: float):
+    def __init__(self, max_batch: int, max_delay: float, default_budget: float, policy: str = "wait"):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown batching policy {policy!r}; use one of {', '.join(POLICIES)}")
         self.max_batch = max_batch
-        self.max_delay = max_delay
+        self.max_delay = 0.0 if policy == "greedy" else max_delay
+        self.policy = policy
         self.default_budget = default_budget
         self._groups: dict[tuple[str, str, int, int], list[Job]] = {}
         self._where: dict[int, tuple[str, str, int, int]] = {}
