@@ -172,7 +172,7 @@ def test_greedy_batches_what_queued_while_the_worker_was_busy():
         batch, _ = s.next_batch(now=0.05)
         sizes.append((batch[0].key, len(batch)))
     # the most urgent group first (its explicit deadline), then full batches of the other shape
-    assert sizes == [(("m", 8, 8), 1), (("m", 4, 4), 3), (("m", 4, 4), 2)]
+    assert sizes == [(("m", "none", 8, 8), 1), (("m", "none", 4, 4), 3), (("m", "none", 4, 4), 2)]
 
 
 def test_wait_policy_still_waits_and_unknown_policies_are_refused():

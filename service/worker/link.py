@@ -350,7 +350,18 @@ class Dispatcher:
         """Send an admitted request in `slot` to a worker; the future resolves to a Result.
         `encoded` > 0: the slot holds that many bytes of a compressed image for the worker to decode."""
         link = link or self.pick_link()
-        job = Job(next(self._ids), model, slot.name, shape[0], shape[1], deadline, time.monotonic(), tta, cost, encoded)
+        job = Job(
+            next(self._ids),
+            model,
+            slot.name,
+            shape[0],
+            shape[1],
+            deadline,
+            time.monotonic(),
+            tta,
+            cost,
+            encoded=encoded,
+        )
         future = asyncio.get_running_loop().create_future()
         link.pending[job.id] = Pending(job, slot, future, link)
         self.metrics.shm_slots.set(self.slots.in_use)
