@@ -303,6 +303,16 @@ def test_same_rest_api_and_errors(deployment):
     assert segment(deployment.url, body, model="nope").status_code == 404
     assert segment(deployment.url, body, format="bmp").status_code == 422
     assert segment(deployment.url, png(np.zeros((2048, 2048, 3), np.uint8)), deadline_ms=1).status_code == 504
+    flipped = segment(deployment.url, body, format="raw", tta="flip")
+    assert flipped.status_code == 200 and flipped.headers["x-tta"] == "flip"
+    auto = segment(deployment.url, body, model="auto")
+    assert auto.status_code == 422 and "single-host" in auto.json()["error"]["message"]
+    v2 = httpx.post(
+        f"{deployment.url}/v2/models/{MODEL}/infer",
+        json={"inputs": [{"name": "RGB", "datatype": "UINT8", "shape": [1, 8, 8, 3], "data": [0] * 192}]},
+        timeout=60,
+    )
+    assert v2.status_code == 200 and v2.json()["outputs"][0]["shape"] == [1, 8, 8], v2.text
     models = httpx.get(f"{deployment.url}/models", timeout=10).json()
     assert models["models"][0]["ready"] and len(models["models"][0]["classes"]) == 19
     assert httpx.get(f"{deployment.url}/healthz", timeout=10).status_code == 200

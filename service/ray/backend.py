@@ -20,6 +20,8 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 from ray.serve.exceptions import BackPressureError
 
 from ..api import imaging
+from ..api.auth import key_matches
+from ..choice import AUTO, RequestOptions, parse_options
 from ..config import ALIASES, Settings
 from ..core import DEFAULT_TIMEOUT, Served
 from ..errors import CODES, ServiceError
@@ -99,8 +101,19 @@ class RayBackedService:
             raise ServiceError("not_found", f"unknown model {name!r}; served: {', '.join(self.handles)}")
         return name
 
+    def options(self, model: str | None, tta: str | None = None, deadline_ms=None) -> RequestOptions:
+        """The request's (model, tta, deadline_ms), checked as on one host. `auto` needs the worker's
+        latency estimates, which replicas behind Serve's router do not share: refused here."""
+        options = parse_options(model, tta, deadline_ms, self.resolve_model)
+        if AUTO in (options.model, options.tta):
+            raise ServiceError("bad_request", "model=auto and tta=auto need the single-host service; name them on Ray")
+        return options
+
+    def auto_info(self) -> dict:
+        return {"menu": [], "upgrade_frames": None, "note": "model=auto is served by `python -m service` only"}
+
     def check_api_key(self, key: str | None) -> None:
-        if self.settings.api_key and key != self.settings.api_key:
+        if self.settings.api_key and not key_matches(self.settings.api_key, key):
             raise ServiceError("unauthorized", "missing or wrong API key")
 
     def count_rejection(self, error: ServiceError) -> None:
@@ -115,7 +128,17 @@ class RayBackedService:
         decoded = time.perf_counter() - start
         return rgb, ray.put(rgb), decoded  # the pixels travel through the object store, as they are
 
-    async def segment(self, model: str, protocol: str, *, data: bytes, deadline_ms: int | None = None) -> Served:
+    async def segment(
+        self,
+        model: str | RequestOptions,
+        protocol: str,
+        *,
+        data: bytes | None = None,
+        rgb: np.ndarray | None = None,
+        deadline_ms: int | None = None,
+    ) -> Served:
+        options = model if isinstance(model, RequestOptions) else RequestOptions(model, "none", deadline_ms)
+        model, deadline_ms = options.model, options.deadline_ms if deadline_ms is None else deadline_ms
         if model not in self.info or model not in self.running:
             await self.refresh()  # the first request may come before the first poll
         if model not in self.info or model not in self.running:
@@ -124,12 +147,15 @@ class RayBackedService:
         deadline = admitted + deadline_ms / 1000 if deadline_ms else None
         self.metrics.queue_depth.labels(model).inc()
         try:
-            image, ref, decode_s = await self.run_in_pool(self._decode, data)
+            if rgb is None:
+                image, ref, decode_s = await self.run_in_pool(self._decode, data)
+            else:  # raw pixels (v2 RGB tensors), checked by the front door
+                image, ref, decode_s = rgb, ray.put(rgb), 0.0
             self.metrics.decode.labels(protocol).observe(decode_s)
             remaining = (deadline - time.monotonic()) if deadline else None
             if remaining is not None and remaining <= 0:
                 raise ServiceError("deadline_exceeded", "the deadline passed while the image was decoded")
-            reply = await self._call(model, ref, remaining)
+            reply = await self._call(model, ref, remaining, options.tta)
         finally:
             self.metrics.queue_depth.labels(model).dec()
         if "error" in reply:
@@ -139,12 +165,19 @@ class RayBackedService:
         self.metrics.inference.labels(model).observe(timings["inference"])
         self.metrics.batch_size.labels(model).observe(reply["batch_size"])
         result = Result(np.asarray(reply["labels"]), model, timings, reply["batch_size"])
-        return Served(result, image, {"decode": decode_s, **timings})
+        return Served(result, image, {"decode": decode_s, **timings}, options.tta)
 
-    async def _call(self, model: str, ref: ray.ObjectRef, remaining: float | None) -> dict:
+    async def segment_batch(
+        self, model: str, protocol: str, items: list[dict], *, deadline_ms=None, tta=None, link=None
+    ) -> list[Served]:
+        """The v2 endpoints' batches: each item through `segment`, results in order."""
+        options = self.options(model, tta, deadline_ms)
+        return list(await asyncio.gather(*(self.segment(options, protocol, **item) for item in items)))
+
+    async def _call(self, model: str, ref: ray.ObjectRef, remaining: float | None, tta: str) -> dict:
         """One call to the model's deployment, its failures as the service's errors."""
         try:
-            response = self.handles[model].segment.remote(ref, remaining)
+            response = self.handles[model].segment.remote(ref, remaining, tta)
         except BackPressureError:
             raise ServiceError(
                 "queue_full", f"every {model} replica's queue is full", retry_after=RETRY_AFTER

@@ -48,7 +48,7 @@ class SegmentationReplica:
             buckets=settings.batch_buckets,
             scale=settings.resize_scale,
         )
-        self.segmenter.engine.warmup(list(settings.warm_shapes) or [(64, 64)], settings.batch_buckets)
+        self.segmenter.engine.warmup(list(settings.warm_shapes), settings.batch_buckets)
         self.batched.set_max_batch_size(settings.max_batch)
         self.batched.set_batch_wait_timeout_s(settings.max_delay_ms / 1000)
         # Exported by each node's Ray metrics agent (names get Ray's `ray_` prefix).
@@ -76,28 +76,30 @@ class SegmentationReplica:
             "pid": os.getpid(),
         }
 
-    async def segment(self, pixels, budget_s: float | None) -> dict:
-        """`pixels`: HxWx3 uint8 (Ray resolves the object-store reference before the call)."""
+    async def segment(self, pixels, budget_s: float | None, tta: str = "none") -> dict:
+        """`pixels`: HxWx3 uint8 (Ray resolves the object-store reference before the call); `tta`:
+        none, flip or ms_flip (model/tta.py)."""
         if isinstance(pixels, ray.ObjectRef):
             pixels = await pixels
         arrived = time.monotonic()
         deadline = arrived + budget_s if budget_s else None  # this node's clock, not the sender's
-        return await self.batched(pixels, arrived, deadline)
+        return await self.batched(pixels, arrived, deadline, tta)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def batched(self, images: list, arrivals: list, deadlines: list) -> list[dict]:
+    async def batched(self, images: list, arrivals: list, deadlines: list, ttas: list) -> list[dict]:
         start = time.monotonic()
         results: list[dict | None] = [None] * len(images)
-        groups: dict[tuple[int, int], list[int]] = {}
+        groups: dict[tuple, list[int]] = {}  # (H, W, tta) -> request indices, as the worker's scheduler groups
         for i, (image, deadline) in enumerate(zip(images, deadlines)):
             if deadline is not None and deadline < start:
                 results[i] = {"error": "deadline_exceeded", "message": "the deadline passed before its batch ran"}
             else:
-                groups.setdefault(image.shape[:2], []).append(i)
-        for indices in groups.values():
+                groups.setdefault((*image.shape[:2], ttas[i]), []).append(i)
+        for (_, _, tta), indices in groups.items():
             batch_start = time.monotonic()
             try:
-                labels = await asyncio.to_thread(self.segmenter.engine.segment, np.stack([images[i] for i in indices]))
+                batch = np.stack([images[i] for i in indices])
+                labels = await asyncio.to_thread(self.segmenter.engine.segment, batch, tta)
             except Exception as exc:  # noqa: BLE001 - one failed batch fails its requests, not the replica
                 log.exception("batch of %d failed", len(indices))
                 for i in indices:

@@ -182,7 +182,7 @@ class Worker:
             buckets = warm_buckets(self.config.buckets, seg.engine.cuda_graphs)
             if shapes:
                 step = "capture" if seg.engine.cuda_graphs else "warm"
-                with Step(log, step, "model %s, shapes %s, batch sizes %s", name, shapes, buckets):
+                with Step(log, step, "model %s, shapes %s, batch sizes %s", name, self.config.warm_shapes, buckets):
                     seg.engine.warmup(shapes, buckets)
             else:
                 log.info("warm: model %s skipped (--warm-shapes none)", name)
