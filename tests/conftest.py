@@ -98,6 +98,20 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+def require_mmseg(module: str):
+    """Import `module` (mmseg, mmengine); skip without it, or fail when BISENET_REQUIRE_MMSEG is set
+    (`make test` runs the parity files in .venv-parity, where a missing mmseg is a failure)."""
+    import importlib
+    import os
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        if os.environ.get("BISENET_REQUIRE_MMSEG", "") not in ("", "0"):
+            pytest.fail(f"BISENET_REQUIRE_MMSEG is set but {module} cannot be imported: {exc}", pytrace=False)
+        pytest.skip(f"{module} is not installed (`make test-parity` runs this in .venv-parity)")
+
+
 def load_parity_tool():
     """tools/parity_mmseg.py as a module, with mmcv.ops stubbed (needs mmsegmentation importable)."""
     import importlib.util

@@ -12,9 +12,6 @@ with pytest's reporting:
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -23,22 +20,12 @@ from model import Segmenter, build_model, load_checkpoint
 from model.transforms import resize_uint8
 
 
-def require(module: str):
-    """Import `module`; skip without it, or fail when BISENET_REQUIRE_MMSEG is set (`make test`)."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        if os.environ.get("BISENET_REQUIRE_MMSEG", "") not in ("", "0"):
-            pytest.fail(f"BISENET_REQUIRE_MMSEG is set but {module} cannot be imported: {exc}", pytrace=False)
-        pytest.skip(f"{module} is not installed (`make test-parity` runs this in .venv-parity)")
-
-
 @pytest.fixture(scope="module")
 def parity():
-    require("mmseg")
-    require("mmengine")
-    # `conftest`, not `tests.conftest`: mmsegmentation's wheel installs a top-level `tests` package
-    from conftest import load_parity_tool
+    from conftest import load_parity_tool, require_mmseg  # not tests.conftest: mmseg installs a `tests` package
+
+    require_mmseg("mmseg")
+    require_mmseg("mmengine")
 
     return load_parity_tool()
 
@@ -61,7 +48,7 @@ def models(request, parity, tmp_path_factory):
 def test_resize_is_bit_exact_with_opencv():
     """mmseg's test pipeline resizes with cv2.resize(INTER_LINEAR) on uint8 (mmcv.imrescale);
     model.transforms.resize_uint8 reproduces its fixed-point arithmetic."""
-    cv2 = require("cv2")
+    cv2 = pytest.importorskip("cv2")
     rng = np.random.default_rng(0)
     for _ in range(50):
         h, w, new_h, new_w = (int(v) for v in rng.integers(1, 700, 4))

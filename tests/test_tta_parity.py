@@ -12,7 +12,6 @@ one batch). Labels must agree as closely as the plain labels do (THRESHOLDS["fra
 from __future__ import annotations
 
 import copy
-import importlib
 import os
 import time
 
@@ -23,20 +22,12 @@ import torch
 from model import Segmenter
 
 
-def require(module: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        if os.environ.get("BISENET_REQUIRE_MMSEG", "") not in ("", "0"):
-            pytest.fail(f"BISENET_REQUIRE_MMSEG is set but {module} cannot be imported: {exc}", pytrace=False)
-        pytest.skip(f"{module} is not installed (`make test-parity` runs this in .venv-parity)")
-
-
 @pytest.fixture(scope="module")
 def parity():
-    require("mmseg")
-    require("mmengine")
-    from conftest import load_parity_tool  # not tests.conftest: mmseg's wheel installs a `tests` package
+    from conftest import load_parity_tool, require_mmseg  # not tests.conftest: mmseg installs a `tests` package
+
+    require_mmseg("mmseg")
+    require_mmseg("mmengine")
 
     return load_parity_tool()
 

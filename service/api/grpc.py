@@ -165,7 +165,10 @@ class Frame:
     received: float  # time.perf_counter() when the server read it
 
 
-class SegmentationServicer(pb_grpc.SegmentationServicer):
+class ServicerBase:
+    """What both gRPC services (Segmentation and v2 inference) share: the request path, the API key
+    check, and errors as status codes with their trailers."""
+
     def __init__(self, service: SegmentationService, settings: Settings):
         self.service = service
         self.settings = settings
@@ -181,6 +184,8 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
         self.service.count_rejection(error)
         await context.abort(status_of(error), error.message, trailing_metadata=trailers_of(error))
 
+
+class SegmentationServicer(ServicerBase, pb_grpc.SegmentationServicer):
     async def serve(
         self,
         request: pb.SegmentRequest,

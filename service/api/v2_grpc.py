@@ -21,15 +21,12 @@ import grpc
 
 from .. import __version__
 from ..choice import AUTO
-from ..config import Settings
-from ..core import SegmentationService
 from ..errors import ServiceError
 from ..proto import inference_pb2 as pb
 from ..proto import inference_pb2_grpc as pb_grpc
 from ..worker.link import WorkerLink
 from . import v2_tensors as tensors
-from .auth import api_key_from
-from .grpc import effective_deadline_ms, status_of, stream_options, trailers_of
+from .grpc import ServicerBase, effective_deadline_ms, status_of, stream_options
 from .streaming import DEFAULT_MAX_IN_FLIGHT, OrderedStream, StreamIdle
 from .v2_params import ran_parameters, request_options
 from .v2_rest import EXTENSIONS, SERVER_NAME, VERSIONS, class_count
@@ -123,22 +120,7 @@ class StreamRequest:
     seq: int  # arrival order on the stream
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, service: SegmentationService, settings: Settings):
-        self.service = service
-        self.settings = settings
-        self.metrics = service.metrics
-
-    # -- shared pieces ---------------------------------------------------------------------------
-    def authorize(self, context: grpc.aio.ServicerContext) -> dict:
-        metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-        self.service.check_api_key(api_key_from(metadata.get("x-api-key"), metadata.get("authorization")))
-        return metadata
-
-    async def fail(self, context: grpc.aio.ServicerContext, error: ServiceError) -> None:
-        self.service.count_rejection(error)
-        await context.abort(status_of(error), error.message, trailing_metadata=trailers_of(error))
-
+class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
     def model_of(self, name: str, version: str, allow_auto: bool = False) -> str:
         if version not in VERSIONS:
             raise ServiceError("not_found", f"model {name!r} has no version {version!r}; its only version is 1")
