@@ -293,6 +293,12 @@ def _answers(service) -> bool:
         return False
 
 
+def test_cpu_worker_openmp_threads_sleep_instead_of_spinning(service):
+    (worker,) = service.worker_pids()
+    environ = Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")
+    assert b"OMP_WAIT_POLICY=PASSIVE" in environ
+
+
 def test_full_queue_gets_429_with_retry_after(service, body):
     before = service_metric(service, "seg_requests_rejected_total", reason="queue_full")
     (worker,) = service.worker_pids()

@@ -13,6 +13,7 @@ import itertools
 import logging
 import math
 import multiprocessing as mp
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -85,6 +86,11 @@ class WorkerLink:
         return total
 
     async def start(self) -> None:
+        if not self.device.startswith("cuda"):
+            # OpenMP threads of a CPU worker sleep between parallel regions instead of spinning, so
+            # they leave the cores to the front end's codec threads (BENCHMARKS.md, the peers section:
+            # spinning made the engine several times slower on a busy 2-core machine).
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
         self.process = ctx.Process(
