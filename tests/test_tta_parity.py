@@ -67,7 +67,9 @@ def test_ms_flip_on_a_2048x1024_frame_equals_seg_tta_model(parity, arch, frame, 
     when BISENET_PARITY_SLOW=1 (`make test-parity-slow`); the quick tests above cover R50 meanwhile."""
     name, mm_model, ckpt = arch
     if name == "r50" and os.environ.get("BISENET_PARITY_SLOW", "") in ("", "0"):
-        pytest.skip("R50 ms_flip at 2048x1024 takes tens of CPU minutes: BISENET_PARITY_SLOW=1 runs it")
+        pytest.skip(
+            "R50 ms_flip at 2048x1024 takes about 12 CPU minutes: BISENET_PARITY_SLOW=1 (make test-parity-slow) runs it"
+        )
     start = time.perf_counter()
     reference = mmseg_tta_labels(mm_model, frame)
     middle = time.perf_counter()
