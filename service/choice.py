@@ -18,7 +18,7 @@ the better mode fits with headroom, so video does not flicker between models.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from model.tta import TTA_MODES
 from model.zoo import ZOO, ZooEntry, default_entry
@@ -50,6 +50,13 @@ class RequestOptions:
     @property
     def requested(self) -> str:
         return f"{self.model}:{self.tta}"
+
+
+def as_options(model: str | RequestOptions, deadline_ms: int | None = None) -> RequestOptions:
+    """A request path's `model` argument as RequestOptions (a plain name runs tta none); an explicit
+    `deadline_ms` overrides the options' own."""
+    options = model if isinstance(model, RequestOptions) else RequestOptions(model)
+    return options if deadline_ms is None else replace(options, deadline_ms=deadline_ms)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,16 @@ from model.predictor import resolve_weights
 
 from .api import imaging
 from .api.auth import key_matches
-from .choice import Chooser, Mode, RequestOptions, StreamState, build_menu, parse_options, published_entry
+from .choice import (
+    Chooser,
+    Mode,
+    RequestOptions,
+    StreamState,
+    as_options,
+    build_menu,
+    parse_options,
+    published_entry,
+)
 from .config import ALIASES, Settings
 from .errors import CODES, ServiceError
 from .logs import Step
@@ -193,9 +202,8 @@ class SegmentationService:
         'auto'); the mode is chosen once the image size is known, and a request whose explicit
         deadline cannot be met is refused (504) before it is computed. `stream` carries a
         stream's choice from frame to frame."""
-        options = model if isinstance(model, RequestOptions) else RequestOptions(model, "none", deadline_ms)
-        deadline_ms = options.deadline_ms if deadline_ms is None else deadline_ms
-        options = RequestOptions(options.model, options.tta, deadline_ms)
+        options = as_options(model, deadline_ms)
+        deadline_ms = options.deadline_ms
         admitted = time.monotonic()
         deadline = admitted + deadline_ms / 1000 if deadline_ms else None
         model = self.chooser.placeholder(options)  # admitted under it until the choice is made

@@ -184,6 +184,29 @@ class ServicerBase:
         self.service.count_rejection(error)
         await context.abort(status_of(error), error.message, trailing_metadata=trailers_of(error))
 
+    def observe(self, model: str, protocol: str, code: str, started: float) -> float:
+        """Count a finished call in the request metrics; returns its seconds."""
+        elapsed = time.perf_counter() - started
+        if code == "OK":
+            self.metrics.observe_success(model, protocol, code, elapsed)
+        else:
+            self.metrics.request_duration.labels(model, protocol, code).observe(elapsed)
+        return elapsed
+
+    async def serve_stream(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+        """A bidirectional stream run by the subclass's `_stream`: the active-stream gauge, and the
+        errors that end a stream (a refusal, or no message for --stream-idle-seconds) as statuses."""
+        self.metrics.streams_active.inc()
+        try:
+            await self._stream(request_iterator, context)
+        except ServiceError as exc:
+            await self.fail(context, exc)
+        except StreamIdle as exc:
+            self.metrics.rejected.labels("stream_idle").inc()
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{exc} (--stream-idle-seconds)")
+        finally:
+            self.metrics.streams_active.dec()
+
 
 class SegmentationServicer(ServicerBase, pb_grpc.SegmentationServicer):
     async def serve(
@@ -225,14 +248,6 @@ class SegmentationServicer(ServicerBase, pb_grpc.SegmentationServicer):
                 encode_ms=encode_s * 1000,
             ),
         )
-
-    def observe(self, model: str, protocol: str, code: str, started: float) -> float:
-        elapsed = time.perf_counter() - started
-        if code == "OK":
-            self.metrics.observe_success(model, protocol, code, elapsed)
-        else:
-            self.metrics.request_duration.labels(model, protocol, code).observe(elapsed)
-        return elapsed
 
     # -- unary -----------------------------------------------------------------------------------
     async def Segment(self, request: pb.SegmentRequest, context: grpc.aio.ServicerContext) -> pb.SegmentResponse:
@@ -287,16 +302,7 @@ class SegmentationServicer(ServicerBase, pb_grpc.SegmentationServicer):
 
     # -- streaming -------------------------------------------------------------------------------
     async def StreamSegment(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
-        self.metrics.streams_active.inc()
-        try:
-            await self._stream(request_iterator, context)
-        except ServiceError as exc:
-            await self.fail(context, exc)
-        except StreamIdle as exc:
-            self.metrics.rejected.labels("stream_idle").inc()
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{exc} (--stream-idle-seconds)")
-        finally:
-            self.metrics.streams_active.dec()
+        await self.serve_stream(request_iterator, context)
 
     async def _stream(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         metadata = self.authorize(context)

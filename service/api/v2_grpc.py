@@ -27,7 +27,7 @@ from ..proto import inference_pb2_grpc as pb_grpc
 from ..worker.link import WorkerLink
 from . import v2_tensors as tensors
 from .grpc import ServicerBase, effective_deadline_ms, status_of, stream_options
-from .streaming import DEFAULT_MAX_IN_FLIGHT, OrderedStream, StreamIdle
+from .streaming import DEFAULT_MAX_IN_FLIGHT, OrderedStream
 from .v2_params import ran_parameters, request_options
 from .v2_rest import EXTENSIONS, SERVER_NAME, VERSIONS, class_count
 
@@ -128,14 +128,6 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
             return AUTO
         return self.service.resolve_model(name)
 
-    def observe(self, model: str, protocol: str, code: str, started: float) -> float:
-        elapsed = time.perf_counter() - started
-        if code == "OK":
-            self.metrics.observe_success(model, protocol, code, elapsed)
-        else:
-            self.metrics.request_duration.labels(model, protocol, code).observe(elapsed)
-        return elapsed
-
     async def run(
         self,
         request: pb.ModelInferRequest,
@@ -226,16 +218,7 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
             self.observe(model, "v2_grpc", code, started)
 
     async def ModelStreamInfer(self, request_iterator, context: grpc.aio.ServicerContext):
-        self.metrics.streams_active.inc()
-        try:
-            await self._stream(request_iterator, context)
-        except ServiceError as exc:
-            await self.fail(context, exc)
-        except StreamIdle as exc:
-            self.metrics.rejected.labels("stream_idle").inc()
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{exc} (--stream-idle-seconds)")
-        finally:
-            self.metrics.streams_active.dec()
+        await self.serve_stream(request_iterator, context)
 
     async def _stream(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         policy, limit = stream_options(self.authorize(context))

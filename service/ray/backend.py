@@ -21,7 +21,7 @@ from ray.serve.exceptions import BackPressureError
 
 from ..api import imaging
 from ..api.auth import key_matches
-from ..choice import AUTO, RequestOptions, parse_options
+from ..choice import AUTO, RequestOptions, as_options, parse_options
 from ..config import ALIASES, Settings
 from ..core import DEFAULT_TIMEOUT, Served
 from ..errors import CODES, ServiceError
@@ -137,8 +137,8 @@ class RayBackedService:
         rgb: np.ndarray | None = None,
         deadline_ms: int | None = None,
     ) -> Served:
-        options = model if isinstance(model, RequestOptions) else RequestOptions(model, "none", deadline_ms)
-        model, deadline_ms = options.model, options.deadline_ms if deadline_ms is None else deadline_ms
+        options = as_options(model, deadline_ms)
+        model, deadline_ms = options.model, options.deadline_ms
         if model not in self.info or model not in self.running:
             await self.refresh()  # the first request may come before the first poll
         if model not in self.info or model not in self.running:
