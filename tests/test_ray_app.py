@@ -15,7 +15,9 @@ except ImportError:
         raise
     pytest.skip("ray is not installed (pip install -e '.[ray]')", allow_module_level=True)
 
+from service.errors import ServiceError
 from service.ray.app import args_to_argv, build_app
+from service.ray.backend import RayBackedService
 from service.ray.settings import load
 
 
@@ -48,6 +50,25 @@ def test_builder_gives_an_ingress_and_a_deployment_per_model():
     assert segment._deployment_config.max_queued_requests == 64
     scaling = segment._deployment_config.autoscaling_config
     assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 3, 2.0)
+    assert ingress.init_args[1] == 8  # each replica's --max-ongoing, which the ingress's bound needs
+    assert ingress._deployment_config.max_ongoing_requests >= 2 * (3 * 8 + 64)  # room for what it admits
+
+
+def test_ingress_admits_running_replicas_times_max_ongoing_plus_the_queue():
+    settings, _, _ = load(["--model", "fast=random", "--max-queue", "3"])
+    service = RayBackedService(settings, {"bisenetv1_r18": None}, replica_max_ongoing=2)
+    service.replica_counts = {"bisenetv1_r18": 2}
+    for _ in range(2 * 2 + 3):
+        service._admit("bisenetv1_r18")
+    with pytest.raises(ServiceError) as refused:
+        service._admit("bisenetv1_r18")
+    assert refused.value.code == "queue_full" and refused.value.retry_after == 1.0
+    service.replica_counts = {"bisenetv1_r18": 3}  # a replica more (autoscaling): room for two more
+    service._admit("bisenetv1_r18")
+    service._admit("bisenetv1_r18")
+    with pytest.raises(ServiceError):
+        service._admit("bisenetv1_r18")
+    service.pool.shutdown()
 
 
 @pytest.mark.parametrize(

@@ -342,14 +342,14 @@ def test_replicas_are_spread_over_both_nodes(cluster, deployment):
 
 
 def test_full_queues_answer_429_with_retry_after(cluster, deployment):
-    """Both replicas held: 2 x max-ongoing requests reach them, max-queue wait, the rest get 429."""
+    """Both replicas held (SIGSTOP): the ingress admits 2 replicas x 2 (--max-ongoing) + 4 (--max-queue)
+    requests and refuses the rest at once, whatever Serve's router believes about the held replicas."""
     pids = [pid for pids in cluster.replicas().values() for pid in pids]
     body = png(PHOTOS["chelsea"])
     with ThreadPoolExecutor(12) as pool:
         with held(*pids):
             futures = [pool.submit(segment, deployment.url, body) for _ in range(12)]
-            # generous: on a loaded machine the router takes a while to give up on the held replicas
-            wait_for(lambda: sum(f.done() for f in futures) >= 4, "429 answers", timeout=90)
+            wait_for(lambda: sum(f.done() for f in futures) >= 4, "429 answers", timeout=30)
             refused = [f.result() for f in futures if f.done()]
         answers = [f.result() for f in futures]
     assert all(r.status_code == 429 and r.headers["retry-after"] == "1" for r in refused), [r.text for r in refused]

@@ -20,9 +20,9 @@ HEALTH_CHECK_SECONDS = 2.0  # how soon Serve notices a dead replica and starts a
 class Ingress:
     """REST on Serve's HTTP proxy: the project's FastAPI app over a Ray-backed service."""
 
-    def __init__(self, settings: Settings, **handles: DeploymentHandle):
+    def __init__(self, settings: Settings, replica_max_ongoing: int, **handles: DeploymentHandle):
         logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        self.service = RayBackedService(settings, handles)
+        self.service = RayBackedService(settings, handles, replica_max_ongoing)
 
     async def check_health(self) -> None:
         """Serve calls this every few seconds from the replica's loop: it starts the readiness poll
@@ -73,14 +73,17 @@ def build(settings: Settings, ray_settings: RaySettings):
         Ingress,
         name="ingress",
         ray_actor_options={"num_cpus": ray_settings.ingress_cpus},
-        max_ongoing_requests=max(64, settings.max_queue * len(settings.models)),
+        # room for everything RayBackedService admits: every replica's share plus the queue, per model
+        max_ongoing_requests=max(
+            64, (ray_settings.max_replicas * ray_settings.max_ongoing + settings.max_queue) * len(handles)
+        ),
         autoscaling_config=autoscaling(
             ray_settings.ingress_min_replicas, ray_settings.ingress_max_replicas, ray_settings
         ),
         health_check_period_s=HEALTH_CHECK_SECONDS,
         graceful_shutdown_timeout_s=settings.drain_seconds,
     )
-    return ingress.bind(settings, **handles)
+    return ingress.bind(settings, ray_settings.max_ongoing, **handles)
 
 
 def args_to_argv(args: dict) -> list[str]:

@@ -41,9 +41,10 @@ class _NotDraining:
 
 
 class RayBackedService:
-    def __init__(self, settings: Settings, handles: dict):
+    def __init__(self, settings: Settings, handles: dict, replica_max_ongoing: int):
         self.settings = settings
         self.handles = handles  # model name -> DeploymentHandle of its segmentation deployment
+        self.replica_max_ongoing = replica_max_ongoing  # requests each segmentation replica takes at once
         self.metrics = Metrics(settings.budget_seconds)
         self.metrics.start_series(list(handles), [], sorted({reason for _, _, reason in CODES.values()}))
         self.dispatcher = _NotDraining()
@@ -51,6 +52,8 @@ class RayBackedService:
         self.default_model = settings.models[0].name
         self.info: dict[str, dict] = {}  # model -> what a replica reported; absent until one answers
         self.running: set[str] = set()  # models with at least one running replica, at the last poll
+        self.replica_counts: dict[str, int] = {}  # model -> running replicas, at the last poll
+        self.in_flight: dict[str, int] = dict.fromkeys(handles, 0)  # this ingress's requests per model
         self._poller: asyncio.Task | None = None
 
     # -- readiness: a background poll, since rest.py reads `ready` and `models_info()` synchronously --
@@ -72,12 +75,14 @@ class RayBackedService:
         except Exception as exc:  # noqa: BLE001 - no answer means no replica we can vouch for
             log.info("Serve status unavailable: %s", exc)
             self.running = set()
+            self.replica_counts = {}
             return
         running = set()
         for name, handle in self.handles.items():
             app = status.applications.get(handle.app_name)
             deployment = app.deployments.get(handle.deployment_name) if app else None
-            if deployment and deployment.replica_states.get("RUNNING", 0) > 0:
+            self.replica_counts[name] = deployment.replica_states.get("RUNNING", 0) if deployment else 0
+            if self.replica_counts[name] > 0:
                 running.add(name)
             if name not in self.info and name in running:
                 try:
@@ -143,6 +148,7 @@ class RayBackedService:
             await self.refresh()  # the first request may come before the first poll
         if model not in self.info or model not in self.running:
             raise ServiceError("not_ready", f"model {model} has no running replica yet", retry_after=RETRY_AFTER)
+        self._admit(model)
         admitted = time.monotonic()
         deadline = admitted + deadline_ms / 1000 if deadline_ms else None
         self.metrics.queue_depth.labels(model).inc()
@@ -158,6 +164,7 @@ class RayBackedService:
             reply = await self._call(model, ref, remaining, options.tta)
         finally:
             self.metrics.queue_depth.labels(model).dec()
+            self.in_flight[model] -= 1
         if "error" in reply:
             raise ServiceError(reply["error"], reply["message"])
         timings = reply["timings"]
@@ -166,6 +173,17 @@ class RayBackedService:
         self.metrics.batch_size.labels(model).observe(reply["batch_size"])
         result = Result(np.asarray(reply["labels"]), model, timings, reply["batch_size"])
         return Served(result, image, {"decode": decode_s, **timings}, options.tta)
+
+    def _admit(self, model: str) -> None:
+        """Count the request in, or refuse it when this ingress already has every running replica's
+        `--max-ongoing` plus `--max-queue` requests out for the model. Serve's own `max_queued_requests`
+        stops counting a request once its router sends it to a replica, and a replica that hangs (a
+        stuck device, a stopped process) never answers the send: without this bound such a replica
+        would soak up every request that arrives."""
+        capacity = self.replica_counts.get(model, 1) * self.replica_max_ongoing + self.settings.max_queue
+        if self.in_flight[model] >= capacity:
+            raise ServiceError("queue_full", f"every {model} replica's queue is full", retry_after=RETRY_AFTER)
+        self.in_flight[model] += 1
 
     async def segment_batch(
         self, model: str, protocol: str, items: list[dict], *, deadline_ms=None, tta=None, link=None
