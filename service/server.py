@@ -31,7 +31,7 @@ async def serve(settings: Settings, model_weights: dict[str, str]) -> int:
         host=settings.host,
         port=settings.http_port,
         log_level=settings.log_level,
-        http=HttpProtocol,  # h11, answering oversized request headers with 431
+        http=HttpProtocol,  # httptools, answering oversized request headers with 431
         log_config=None,  # uvicorn's lines go through the service's handler, in its format
         access_log=settings.log_level == "debug",
         timeout_graceful_shutdown=5,

@@ -5,11 +5,13 @@ before an early error (urllib sees the answer), undecodable gRPC messages as INV
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import io
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -194,6 +196,23 @@ def test_request_headers_over_the_limit_get_431(logged, size):
     assert r.status_code == 431, r.text
     assert r.json()["error"]["code"] == "headers_too_large"
     assert httpx.get(f"{logged.url}/healthz", headers={"X-Padding": "a" * 1000}, timeout=10).status_code == 200
+
+
+def test_a_header_that_never_ends_gets_431_without_growing_the_server(logged):
+    """llhttp buffers a header until its line ends: the front end cuts it off at the limit."""
+    host, port = logged.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Endless: ")
+        answer = b""
+        with contextlib.suppress(OSError):  # the server may close while we still send
+            for _ in range(64):  # up to 1 MiB of one header value, never ended
+                sock.sendall(b"a" * 16384)
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    assert b"headers_too_large" in answer
+    assert httpx.get(f"{logged.url}/healthz", timeout=10).status_code == 200
 
 
 # -- early errors after the body is read: urllib sends it all before reading the answer --------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from service.api.imaging import label_bytes
 from service.errors import ServiceError
 from service.worker.scheduler import BatchScheduler, Job
 from service.worker.shm import SlotMaps, SlotPool
@@ -109,7 +110,13 @@ def test_worker_maps_see_front_end_writes():
         view = maps.view(slot.name, 18)
         np.testing.assert_array_equal(view.reshape(2, 3, 3), image)
         view[:6] = 7  # the worker writes labels over the pixels
-        np.testing.assert_array_equal(slot.read_labels(2, 3), np.full((2, 3), 7, np.uint8))
+        labels = slot.read_labels(2, 3)
+        np.testing.assert_array_equal(labels, np.full((2, 3), 7, np.uint8))
+        view[:6] = 9  # the slot is reused at once: what was read out does not change
+        assert labels.max() == 7 and not labels.flags.writeable
+        # a raw response sends the bytes object under the labels, not a further copy
+        assert label_bytes(labels) is label_bytes(labels) and label_bytes(labels) == bytes([7] * 6)
+        assert label_bytes(labels[:, ::2]) == bytes([7] * 4)  # a strided view is copied, correctly
         del view
         maps.forget(slot.name)
     finally:

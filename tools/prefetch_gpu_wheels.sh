@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=.gpu-wheels
-PACKAGES=(fastapi pydantic uvicorn python-multipart grpcio-health-checking grpcio-reflection
+PACKAGES=(fastapi pydantic uvicorn httptools python-multipart grpcio-health-checking grpcio-reflection
   "grpcio>=1.85.1" "protobuf>=7.35.1")
 while [ $# -gt 0 ]; do
   case "$1" in

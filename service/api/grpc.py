@@ -150,7 +150,7 @@ def encode_result(fmt: int, labels: np.ndarray, image, palette, n_classes: int):
     if fmt == pb.LABELS_PNG:
         body = imaging.encode_png(labels, palette)
     elif fmt == pb.LABELS_RAW:
-        body = labels.tobytes()
+        body = imaging.label_bytes(labels)
     elif fmt == pb.OVERLAY_JPEG:
         body = imaging.encode_overlay(image(), labels, palette)
     else:

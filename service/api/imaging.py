@@ -130,6 +130,17 @@ def palette_bytes(palette) -> bytes:
     return bytes(flat + [0] * (768 - len(flat)))
 
 
+def label_bytes(labels: np.ndarray) -> bytes:
+    """Raw labels as bytes: the bytes object under them when there is one (labels read out of a
+    worker's slot are), so a 2 MB label map is not copied once more for the response."""
+    owner = labels
+    while isinstance(owner, np.ndarray):
+        owner = owner.base
+    if isinstance(owner, bytes) and labels.flags.c_contiguous and labels.nbytes == len(owner):
+        return owner
+    return labels.tobytes()
+
+
 def encode_png(labels: np.ndarray, palette) -> bytes:
     """Palette PNG: pixel values are the train ids, colours are the dataset palette."""
     img = Image.fromarray(labels, mode="P")

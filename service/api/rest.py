@@ -218,7 +218,7 @@ async def encode_response(service: SegmentationService, served: Served, model: s
         # decoded_image(): in the pool, as it decodes here when the worker did the decoding
         body = await service.run_in_pool(lambda: imaging.encode_overlay(served.decoded_image(), labels, palette))
     else:
-        body = labels.tobytes()
+        body = imaging.label_bytes(labels)
     served.timings["encode"] = time.perf_counter() - start
     service.metrics.encode.labels(fmt).observe(served.timings["encode"])
     headers = timing_headers(served, model)

@@ -34,7 +34,9 @@ class Slot:
         np.frombuffer(self.shm.buf, np.uint8, image.size).reshape(image.shape)[...] = image
 
     def read_labels(self, height: int, width: int) -> np.ndarray:
-        return np.frombuffer(self.shm.buf, np.uint8, height * width).reshape(height, width).copy()
+        """A copy (the slot is reused at once) into a bytes object, read-only: a raw response sends
+        that object as it is (`imaging.label_bytes`)."""
+        return np.frombuffer(bytes(self.shm.buf[: height * width]), np.uint8).reshape(height, width)
 
 
 class SlotPool:
