@@ -1,4 +1,7 @@
-"""Which (H, W) shapes get CUDA graphs, and when: plain Python, so it is tested without a GPU.
+"""Which shapes get CUDA graphs, and when: plain Python, so it is tested without a GPU.
+
+A shape is a key that starts with (H, W); the engine adds its TTA mode, (H, W, tta), since a
+`flip` batch has graphs of its own.
 
 Rules:
 - A shape is captured whole (every bucket) or not at all, so no batch size of a captured shape
@@ -17,7 +20,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-Shape = tuple[int, int]
+Shape = tuple  # (H, W, ...): the pixel limit reads H and W
 
 
 @dataclass(frozen=True)

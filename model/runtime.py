@@ -2,8 +2,9 @@
 
 `SegmentationEngine` folds BatchNorm into the convolutions, runs under `torch.inference_mode`,
 uses channels_last and fp16/bf16 on CUDA (bf16 autocast on CPUs with native bf16), and on CUDA
-replays one CUDA graph per (batch bucket, H, W) that covers resize, normalisation, the network,
-the two logits resizes and the argmax. Batches are padded up to the next bucket. Which shapes get
+replays one CUDA graph per (batch bucket, H, W, tta) that covers resize, normalisation, the network,
+the two logits resizes and the argmax (for `flip`: both passes and the softmax average too; `ms_flip`
+runs eagerly, see GRAPH_TTA). Batches are padded up to the next bucket. Which shapes get
 graphs, and when, is decided by `graph_policy.CapturePolicy`; host<->device copies go through
 `pipeline.HostDevicePipeline`. Everything per device (graph pool, static inputs, streams, the
 pipeline) lives in one `DeviceResources` shared by every model of the process: batches never
@@ -41,6 +42,11 @@ from .tta import check_mode, segment_tta
 log = logging.getLogger(__name__)
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16)
+# TTA modes that get graphs. ms_flip does not: six network input sizes and a full-size fp32
+# probability sum per image would hold gigabytes of graph pool per shape at 1024x2048, for 12
+# compute-bound passes whose kernel launches graphs would barely shorten.
+GRAPH_TTA = ("none", "flip")
+GraphKey = tuple[int, int, str]  # (H, W, tta)
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -112,11 +118,13 @@ class DeviceResources:
     stream: "torch.cuda.Stream | None" = None  # compute, warm-up and capture all on this one
     pool: object = None
     inputs: dict[tuple[int, int, int], torch.Tensor] = field(default_factory=dict)  # static graph inputs
-    users: dict[tuple[int, int, int], set[int]] = field(default_factory=dict)  # engines with graphs on each
+    # (engine id, tta) of the graphs reading each input
+    users: dict[tuple[int, int, int], set[tuple[int, str]]] = field(default_factory=dict)
 
-    def static_input(self, shape: tuple[int, int], max_bucket: int, user: int) -> torch.Tensor:
-        """The (max_bucket, H, W, 3) input graphs of this shape read; never replaced while used,
-        since captured graphs keep reading its address (engines with other buckets get their own)."""
+    def static_input(self, shape: tuple[int, int], max_bucket: int, user: tuple[int, str]) -> torch.Tensor:
+        """The (max_bucket, H, W, 3) input graphs of this shape read (whatever their tta); never
+        replaced while used, since captured graphs keep reading its address (engines with other
+        buckets get their own)."""
         key = (*shape, max_bucket)
         buf = self.inputs.get(key)
         if buf is None:
@@ -125,8 +133,8 @@ class DeviceResources:
         self.users.setdefault(key, set()).add(user)
         return buf
 
-    def release_input(self, shape: tuple[int, int], max_bucket: int, user: int) -> None:
-        """`user` dropped its graphs of `shape`: free the input once no engine's graphs read it."""
+    def release_input(self, shape: tuple[int, int], max_bucket: int, user: tuple[int, str]) -> None:
+        """`user` dropped its graphs of `shape`: free the input once no graphs read it."""
         key = (*shape, max_bucket)
         users = self.users.get(key, set())
         users.discard(user)
@@ -134,10 +142,11 @@ class DeviceResources:
             self.users.pop(key, None)
             self.inputs.pop(key, None)
 
-    def release_user(self, user: int) -> None:
-        """An engine is gone: release every input it used."""
-        for key in [k for k, users in self.users.items() if user in users]:
-            self.release_input(key[:2], key[2], user)
+    def release_user(self, engine: int) -> None:
+        """An engine is gone: release every input its graphs used."""
+        for key, users in list(self.users.items()):
+            for user in [u for u in users if u[0] == engine]:
+                self.release_input(key[:2], key[2], user)
 
 
 _RESOURCES: dict[torch.device, DeviceResources] = {}
@@ -194,7 +203,7 @@ class SegmentationEngine:
         self.misses = 0
         self.capture_seconds = 0.0
         self.capture_failures = 0
-        self._graphs: dict[tuple[int, int], dict[int, _Graph]] = {}
+        self._graphs: dict[GraphKey, dict[int, _Graph]] = {}
         if on_cuda:
             torch.cuda.set_device(self.device)  # graph replay and copies use the current device's stream
             torch.backends.cudnn.benchmark = True
@@ -207,7 +216,9 @@ class SegmentationEngine:
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _pipeline(self, images: torch.Tensor) -> torch.Tensor:
+    def _pipeline(self, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
+        if tta != "none":
+            return segment_tta(self, images, tta)
         height, width = images.shape[1:3]
         size = test_size(height, width, self.scale)
         x = normalise(images, size, torch.float32 if self.cpu_autocast else self.dtype)
@@ -227,30 +238,31 @@ class SegmentationEngine:
             x = normalise(images.to(self.device), size, torch.float32 if self.cpu_autocast else self.dtype)
             return self.net(x).float()
 
-    def run_device(self, images: torch.Tensor) -> torch.Tensor:
+    def run_device(self, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
         """uint8 (N, H, W, 3) on the device -> uint8 (N, H, W) labels on the device.
 
-        Replays a graph when the shape has them; otherwise runs eagerly (counted as a miss while
-        graphs are on) and lets the policy queue the shape for a later capture.
+        Replays a graph when (shape, tta) has them; otherwise runs eagerly (counted as a miss while
+        graphs are on, unless the tta mode never gets graphs) and lets the policy queue the key for
+        a later capture.
         """
         n, height, width = images.shape[:3]
-        key = (int(height), int(width))
-        if self.cuda_graphs:
+        key = (int(height), int(width), tta)
+        if self.cuda_graphs and tta in GRAPH_TTA:
             if self.policy.route(key) and n <= self.buckets[-1] and key in self._graphs:
                 entry = self._graphs[key][self.bucket_for(n)]
-                self.resources.static_input(key, self.buckets[-1], id(self))[:n].copy_(images)
+                self.resources.static_input(key[:2], self.buckets[-1], (id(self), tta))[:n].copy_(images)
                 entry.graph.replay()
                 self.replays += 1
                 return entry.output[:n]
             self.misses += 1
         with torch.inference_mode():
-            return self._pipeline(images)
+            return self._pipeline(images, tta)
 
     # -- public API --------------------------------------------------------------------------
     def segment(self, images: np.ndarray | torch.Tensor, tta: str = "none") -> np.ndarray:
         """Labels for a same-shape uint8 batch (N, H, W, 3); returns a numpy (N, H, W) uint8 array.
 
-        `tta` is 'none', 'flip' or 'ms_flip' (model/tta.py); the augmented modes run eagerly.
+        `tta` is 'none', 'flip' or 'ms_flip' (model/tta.py); 'ms_flip' runs eagerly.
         """
         if images.ndim != 4 or images.shape[3] != 3:
             raise ValueError(f"expected a uint8 batch (N, H, W, 3), got shape {tuple(images.shape)}")
@@ -259,28 +271,23 @@ class SegmentationEngine:
             images = images.cpu().numpy()
         labels = np.empty(images.shape[:3], np.uint8)
         self.submit(list(images), list(labels), tta).wait()
-        if self.capture_inline and tta == "none":
+        if self.capture_inline:
             self.capture_pending()
         return labels
 
     def submit(self, inputs: list[np.ndarray], outputs: list[np.ndarray], tta: str = "none"):
         """Start one batch (per-image host arrays in and out); returns a handle to `wait()` on."""
-        run = self.run_device if tta == "none" else functools.partial(self._run_tta, tta=tta)
-        return self.resources.pipeline.submit(run, inputs, outputs)
-
-    def _run_tta(self, images: torch.Tensor, tta: str) -> torch.Tensor:
-        """The augmented passes of model/tta.py for a batch on the device (eager: many shapes)."""
-        with torch.inference_mode():
-            return segment_tta(self, images, tta)
+        return self.resources.pipeline.submit(functools.partial(self.run_device, tta=tta), inputs, outputs)
 
     def bucket_for(self, n: int) -> int:
         return self.buckets[min(bisect.bisect_left(self.buckets, n), len(self.buckets) - 1)]
 
     def warmup(self, shapes: list[tuple[int, int]], buckets: tuple[int, ...] | None = None) -> None:
-        """Capture (CUDA) or run (CPU) every bucket for each shape, so first requests are fast."""
+        """Capture (CUDA) or run (CPU) every bucket for each shape, so first requests are fast.
+        Warm graphs are for `tta=none`; `flip` graphs of a shape are captured once it is used."""
         if self.cuda_graphs:
             for shape in shapes:
-                self.capture_shape((int(shape[0]), int(shape[1])), warm=True)
+                self.capture_shape((int(shape[0]), int(shape[1]), "none"), warm=True)
             return
         for height, width in shapes:
             for n in buckets or (1,):
@@ -295,12 +302,13 @@ class SegmentationEngine:
                 {
                     "height": h,
                     "width": w,
-                    "warm": (h, w) in self.policy.warm,
+                    "tta": tta,
+                    "warm": (h, w, tta) in self.policy.warm,
                     "buckets": sorted(graphs),
                     "bytes": {str(b): g.nbytes for b, g in sorted(graphs.items())},
                 }
-                for (h, w), graphs in self._graphs.items()
-                if self.policy.is_captured((h, w))
+                for (h, w, tta), graphs in self._graphs.items()
+                if self.policy.is_captured((h, w, tta))
             ],
             "capture_seconds": round(self.capture_seconds, 3),
             "capture_failures": self.capture_failures,
@@ -308,12 +316,12 @@ class SegmentationEngine:
 
     # -- CUDA graphs -------------------------------------------------------------------------
     def capture_pending(self, should_stop: Callable[[], bool] | None = None) -> bool:
-        """Capture the next queued shape (between batches); True when one was captured."""
+        """Capture the next queued (shape, tta) (between batches); True when one was captured."""
         shape = self.policy.next_queued() if self.cuda_graphs else None
         return shape is not None and self.capture_shape(shape, warm=False, should_stop=should_stop)
 
-    def capture_shape(self, shape: tuple[int, int], warm: bool, should_stop: Callable[[], bool] | None = None) -> bool:
-        """Capture every bucket of `shape`, largest first so smaller ones reuse the pool.
+    def capture_shape(self, key: GraphKey, warm: bool, should_stop: Callable[[], bool] | None = None) -> bool:
+        """Capture every bucket of `key` (H, W, tta), largest first so smaller ones reuse the pool.
 
         `should_stop` is asked between buckets (the worker: "has a request arrived?"); what was
         captured is kept and the rest follows at the next idle moment. A failed capture (out of
@@ -323,36 +331,36 @@ class SegmentationEngine:
         if not self.cuda_graphs:
             return False
         start = time.perf_counter()
-        graphs = self._graphs.setdefault(shape, {})
-        static = self.resources.static_input(shape, self.buckets[-1], id(self))
+        graphs = self._graphs.setdefault(key, {})
+        static = self.resources.static_input(key[:2], self.buckets[-1], (id(self), key[2]))
         try:
             for bucket in sorted(self.buckets, reverse=True):
                 if bucket in graphs:
                     continue
                 if should_stop is not None and should_stop():
                     return False
-                graphs[bucket] = self._capture_one(static[:bucket])
+                graphs[bucket] = self._capture_one(static[:bucket], key[2])
         except Exception as exc:
             if fatal_device_error(exc):
                 raise
-            self._drop_graphs(shape)
-            self.policy.capture_failed(shape, f"{type(exc).__name__}: {exc}")
+            self._drop_graphs(key)
+            self.policy.capture_failed(key, f"{type(exc).__name__}: {exc}")
             self.capture_failures += 1
-            log.warning("CUDA graph capture for %dx%d failed, that shape runs eagerly: %s", *shape, exc)
+            log.warning("CUDA graph capture for %dx%d tta=%s failed, that runs eagerly: %s", *key, exc)
             return False
         finally:
             self.capture_seconds += time.perf_counter() - start
-        for evicted in self.policy.captured(shape, warm=warm):
+        for evicted in self.policy.captured(key, warm=warm):
             self._drop_graphs(evicted)
-            log.info("evicted the CUDA graphs of %dx%d (lazy shapes are bounded)", *evicted)
-        log.info("captured CUDA graphs for %dx%d %s in %.1fs", *shape, self.buckets, time.perf_counter() - start)
+            log.info("evicted the CUDA graphs of %dx%d tta=%s (lazy shapes are bounded)", *evicted)
+        log.info("captured CUDA graphs for %dx%d tta=%s %s in %.1fs", *key, self.buckets, time.perf_counter() - start)
         return True
 
-    def _drop_graphs(self, shape: tuple[int, int]) -> None:
-        self._graphs.pop(shape, None)
-        self.resources.release_input(shape, self.buckets[-1], id(self))
+    def _drop_graphs(self, key: GraphKey) -> None:
+        self._graphs.pop(key, None)
+        self.resources.release_input(key[:2], self.buckets[-1], (id(self), key[2]))
 
-    def _capture_one(self, static_in: torch.Tensor) -> _Graph:
+    def _capture_one(self, static_in: torch.Tensor, tta: str = "none") -> _Graph:
         if self.resources.pool is None:
             self.resources.pool = torch.cuda.graph_pool_handle()
         stream = self.resources.stream
@@ -363,11 +371,11 @@ class SegmentationEngine:
             # per stream, which must not happen during capture.
             with torch.cuda.stream(stream):
                 for _ in range(3):
-                    self._pipeline(static_in)
+                    self._pipeline(static_in, tta)
             stream.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.resources.pool, stream=stream):
-                output = self._pipeline(static_in)
+                output = self._pipeline(static_in, tta)
         with torch.cuda.stream(stream):
             graph.replay()  # replay once so a broken graph fails at capture, not on a request
         stream.synchronize()

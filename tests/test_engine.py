@@ -181,14 +181,14 @@ def test_policy_pixel_limit_failures_and_bounded_counters():
 class ReplaysEager:
     """Stands in for torch.cuda.CUDAGraph on the CPU: replay() recomputes into the static output."""
 
-    def __init__(self, engine, static_in):
-        self.engine, self.static_in = engine, static_in
+    def __init__(self, engine, static_in, tta):
+        self.engine, self.static_in, self.tta = engine, static_in, tta
         with torch.inference_mode():
-            self.output = engine._pipeline(static_in)
+            self.output = engine._pipeline(static_in, tta)
 
     def replay(self):
         with torch.inference_mode():
-            self.output.copy_(self.engine._pipeline(self.static_in))
+            self.output.copy_(self.engine._pipeline(self.static_in, self.tta))
 
 
 def graph_engine(net, monkeypatch, fail_at: int | None = None, **limits):
@@ -198,11 +198,11 @@ def graph_engine(net, monkeypatch, fail_at: int | None = None, **limits):
     engine.cuda_graphs = True  # the routing below is device-independent
     captured = []
 
-    def capture_one(static_in):
-        captured.append(static_in.shape[0])
+    def capture_one(static_in, tta):
+        captured.append(static_in.shape[0] if tta == "none" else (static_in.shape[0], tta))
         if fail_at is not None and static_in.shape[0] == fail_at:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.3 GiB")
-        fake = ReplaysEager(engine, static_in)
+        fake = ReplaysEager(engine, static_in, tta)
         return _Graph(fake, fake.output, 1000 * static_in.shape[0])
 
     monkeypatch.setattr(engine, "_capture_one", capture_one)
@@ -220,6 +220,7 @@ def test_engine_captures_every_bucket_and_replays_padded_batches(net, monkeypatc
         {
             "height": shape[0],
             "width": shape[1],
+            "tta": "none",
             "warm": True,
             "buckets": [1, 2, 4],
             "bytes": {"1": 1000, "2": 2000, "4": 4000},
@@ -270,12 +271,38 @@ def test_failed_capture_leaves_the_shape_eager(net, monkeypatch, crops, caplog):
 def test_context_poisoning_error_during_capture_is_raised(net, monkeypatch, crops):
     engine, _ = graph_engine(net, monkeypatch)
 
-    def poisoned(static_in):
+    def poisoned(static_in, tta):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     monkeypatch.setattr(engine, "_capture_one", poisoned)
     with pytest.raises(RuntimeError, match="illegal memory access"):
         engine.warmup([crops[0].shape[:2]])
+
+
+def test_flip_batches_get_graphs_of_their_own_and_ms_flip_runs_eagerly(net, monkeypatch, crops):
+    engine, captured = graph_engine(net, monkeypatch, lazy_after=2)
+    eager = SegmentationEngine(net, "cpu", "fp32", scale=SMALL)
+    engine.capture_inline = False
+    shape = crops[0].shape[:2]
+    engine.warmup([shape])
+    batch = np.stack([crops[0], np.roll(crops[0], 17, axis=1)])
+    for _ in range(2):  # flip: eager, a miss each time, queued after the second
+        assert np.array_equal(engine.segment(batch, tta="flip"), eager.segment(batch, tta="flip"))
+    assert engine.misses == 2 and engine.capture_pending()
+    assert captured == [4, 2, 1, (4, "flip"), (2, "flip"), (1, "flip")]
+    assert np.array_equal(engine.segment(batch, tta="flip"), eager.segment(batch, tta="flip"))
+    assert np.array_equal(engine.segment(batch), eager.segment(batch))  # the none graphs still replay
+    assert engine.replays == 2 and engine.misses == 2
+    graphs = {g["tta"]: g for g in engine.stats["graphs"]}
+    assert graphs["none"]["warm"] and not graphs["flip"]["warm"] and graphs["flip"]["buckets"] == [1, 2, 4]
+    # both read the one static input of the shape; dropping one set of graphs keeps it for the other
+    users = engine.resources.users[(*shape, 4)]  # (other tests' engines may share the device's input)
+    assert {(id(engine), "none"), (id(engine), "flip")} <= users
+    engine._drop_graphs((*shape, "flip"))
+    assert (*shape, 4) in engine.resources.inputs
+    for _ in range(3):  # ms_flip: eager by design, never a miss and never queued
+        assert np.array_equal(engine.segment(batch[:1], tta="ms_flip"), eager.segment(batch[:1], tta="ms_flip"))
+    assert engine.misses == 2 and engine.policy.next_queued() is None
 
 
 def test_evicted_and_failed_shapes_free_their_static_inputs(net, monkeypatch, crops):
@@ -285,21 +312,23 @@ def test_evicted_and_failed_shapes_free_their_static_inputs(net, monkeypatch, cr
     engine.segment(crops[0][None])
     assert engine.capture_pending()
     users = engine.resources.users
-    assert id(engine) in users[(*first, 4)]
+    me = (id(engine), "none")
+    assert me in users[(*first, 4)]
     engine.segment(crops[2][None])
     assert engine.capture_pending()  # the second lazy shape evicts the first
     assert [(g["height"], g["width"]) for g in engine.stats["graphs"]] == [second]
-    assert id(engine) not in users.get((*first, 4), set()) and id(engine) in users[(*second, 4)]
+    assert me not in users.get((*first, 4), set()) and me in users[(*second, 4)]
     failing, _ = graph_engine(net, monkeypatch, fail_at=1)
     failing.warmup([crops[1].shape[:2]])
-    assert id(failing) not in users.get((*crops[1].shape[:2], 4), set())
+    assert (id(failing), "none") not in users.get((*crops[1].shape[:2], 4), set())
 
 
 def test_an_engine_that_is_gone_releases_its_static_inputs(net):
     engine = SegmentationEngine(net, "cpu", buckets=(1, 2), scale=SMALL)
     resources, gone = engine.resources, id(engine)
-    resources.static_input((12, 34), 2, gone)  # what a capture of 12x34 registers
-    assert gone in resources.users[(12, 34, 2)]
+    resources.static_input((12, 34), 2, (gone, "none"))  # what captures of 12x34 register
+    resources.static_input((12, 34), 2, (gone, "flip"))
+    assert resources.users[(12, 34, 2)] == {(gone, "none"), (gone, "flip")}
     del engine
     gc.collect()
     assert (12, 34, 2) not in resources.users and (12, 34, 2) not in resources.inputs

@@ -189,6 +189,20 @@ def test_cuda_graph_lazy_capture_and_misses(net, crops):
 
 
 @gpu
+def test_cuda_flip_graphs_equal_eager(net, crops):
+    eager = SegmentationEngine(net, "cuda", "fp32", cuda_graphs=False, scale=SMALL)
+    limits = CaptureLimits(lazy_after=1)
+    graphs = SegmentationEngine(net, "cuda", "fp32", buckets=(1, 2), capture_limits=limits, scale=SMALL)
+    batch = np.stack([crops[0], np.roll(crops[0], 31, axis=1)])
+    first = graphs.segment(batch, tta="flip")  # eager, then captured right after (the Python API)
+    assert graphs.misses == 1 and [g["tta"] for g in graphs.stats["graphs"]] == ["flip"]
+    again = graphs.segment(batch, tta="flip")
+    assert graphs.replays == 1
+    reference = eager.segment(batch, tta="flip")
+    assert (first == reference).mean() >= 0.999 and (again == reference).mean() >= 0.999
+
+
+@gpu
 def test_cuda_fp16_close_to_fp32(net, photo):
     fp32 = SegmentationEngine(net, "cuda", "fp32", cuda_graphs=False).segment(photo[None])
     for dtype in ("fp16", "bf16"):
