@@ -49,6 +49,7 @@ class Settings:
     max_pixels: int = 4096 * 4096
     shm_bytes: int = 1 << 30
     dtype: str = "auto"
+    cpu_threads: int = 0  # intra-op threads of each CPU worker; 0: torch's default (one per core)
     api_key: str | None = None
     drain_seconds: float = 30.0
     log_level: str = "info"
@@ -210,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dtype", default=_env("DTYPE", d.dtype), help="auto|float32|float16|bfloat16 [BISENET_DTYPE]")
     p.add_argument(
+        "--cpu-threads",
+        default=_env("CPU_THREADS", d.cpu_threads),
+        help="threads each CPU worker computes with (OpenMP/MKL); 0: one per core [BISENET_CPU_THREADS]",
+    )
+    p.add_argument(
         "--api-key",
         default=_env("API_KEY", None),
         help="require this key (X-API-Key / Bearer / gRPC x-api-key) [BISENET_API_KEY]",
@@ -353,6 +359,7 @@ def load_settings(argv: list[str] | None = None) -> Settings:
         max_pixels=_number(args.max_pixels, "max-pixels", minimum=1),
         shm_bytes=_number(args.shm_bytes, "shm-bytes", minimum=1 << 20),
         dtype=args.dtype,
+        cpu_threads=_number(args.cpu_threads, "cpu-threads", minimum=0),
         api_key=args.api_key or None,
         drain_seconds=_number(args.drain_seconds, "drain-seconds", float, minimum=0),
         log_level=args.log_level.lower(),

@@ -139,6 +139,13 @@ def test_lazy_capture_flags():
         load_settings(["--lazy-capture-shapes", "-1"])
 
 
+def test_cpu_threads_flag():
+    assert load_settings([]).cpu_threads == 0  # torch's default: one per core
+    assert load_settings(["--cpu-threads", "3"]).cpu_threads == 3
+    with pytest.raises(ConfigError, match="cpu-threads"):
+        load_settings(["--cpu-threads", "-1"])
+
+
 # -- the capture policy --------------------------------------------------------------------------------
 def test_policy_queues_a_shape_after_repeated_sightings_and_never_captures_inline():
     policy = CapturePolicy(CaptureLimits(lazy_after=3))

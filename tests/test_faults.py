@@ -40,6 +40,8 @@ from tests.servicekit import (
 ARGS = [
     "--device",
     "cpu",
+    "--cpu-threads",
+    "2",
     "--warm-shapes",
     "none",
     "--resize-scale",
@@ -297,6 +299,8 @@ def test_cpu_worker_openmp_threads_sleep_instead_of_spinning(service):
     (worker,) = service.worker_pids()
     environ = Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")
     assert b"OMP_WAIT_POLICY=PASSIVE" in environ
+    # --cpu-threads 2: what OpenMP and MKL start every engine thread from
+    assert b"OMP_NUM_THREADS=2" in environ and b"MKL_NUM_THREADS=2" in environ
 
 
 def test_full_queue_gets_429_with_retry_after(service, body):

@@ -91,6 +91,11 @@ class WorkerLink:
             # they leave the cores to the front end's codec threads (BENCHMARKS.md, the peers section:
             # spinning made the engine several times slower on a busy 2-core machine).
             os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+            if self.config.cpu_threads:
+                # read by OpenMP and MKL when torch loads in the new process: every thread that
+                # runs the engine starts from it, not only the one torch.set_num_threads is called in
+                for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+                    os.environ[name] = str(self.config.cpu_threads)
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
         self.process = ctx.Process(
@@ -264,6 +269,7 @@ class Dispatcher:
                 lazy_capture_pixels=s.lazy_capture_pixels,
                 batching=s.batching,
                 max_pixels=s.max_pixels,
+                cpu_threads=s.cpu_threads,
             )
             link = WorkerLink(device, config, self)
             self.links.append(link)

@@ -59,6 +59,7 @@ class WorkerConfig:
     lazy_capture_pixels: int = 1024 * 2048
     batching: str = "wait"  # scheduler policy: wait | greedy
     max_pixels: int = 4096 * 4096  # for images decoded here (--decode worker)
+    cpu_threads: int = 0  # 0: torch's default
 
 
 def warm_buckets(buckets: tuple[int, ...], cuda_graphs: bool) -> tuple[int, ...]:
@@ -163,6 +164,10 @@ class Worker:
         limits = CaptureLimits(
             max_lazy_shapes=self.config.lazy_capture_shapes, max_lazy_pixels=self.config.lazy_capture_pixels
         )
+        if not self.config.device.startswith("cuda"):
+            if self.config.cpu_threads:
+                torch.set_num_threads(self.config.cpu_threads)  # OMP_NUM_THREADS says so too (link.py)
+            log.info("CPU worker computing with %d threads", torch.get_num_threads())
         info = {"device": self.config.device, "models": {}}
         for name, weights in self.config.models:
             torch.manual_seed(0)  # 'random' weights are the same in every worker and restart
