@@ -47,6 +47,10 @@ def test_builder_gives_an_ingress_and_a_deployment_per_model():
     ]
     segment = handles["bisenetv1_r18"]._bound_deployment
     assert segment.ray_actor_options["resources"] == {"slot": 1.0}
+    assert "runtime_env" not in segment.ray_actor_options  # threads: Ray's default (the replica's num_cpus)
+    threaded = build_app({**args, "cpu-threads": 3})._bound_deployment.init_kwargs["bisenetv1_r18"]
+    env = threaded._bound_deployment.ray_actor_options["runtime_env"]["env_vars"]
+    assert env == {"OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3"}
     assert segment._deployment_config.max_queued_requests == 64
     scaling = segment._deployment_config.autoscaling_config
     assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 3, 2.0)

@@ -55,6 +55,9 @@ def build(settings: Settings, ray_settings: RaySettings):
     actor = {"num_cpus": ray_settings.num_cpus, "num_gpus": ray_settings.num_gpus}
     if ray_settings.replica_resources:
         actor["resources"] = dict(ray_settings.replica_resources)
+    if device == "cpu" and settings.cpu_threads:  # else Ray sets OMP_NUM_THREADS to the replica's num_cpus
+        threads = str(settings.cpu_threads)
+        actor["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}}
     handles = {}
     for spec in settings.models:
         deployment = serve.deployment(
