@@ -200,7 +200,8 @@ class Row:
 
 
 async def http_rows(peer: Peer, args, spec: EngineSpec, jpeg: bytes, levels: list[int], log) -> list[Row]:
-    """The HTTP JPEG load at each of `levels`, once the peer answers (the first call also warms it)."""
+    """The HTTP JPEG load at each of `levels`, once the peer answers (the first call also warms it;
+    with no levels, that is all it does)."""
     height, width = parse_shape(args.size)
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
     rows: list[Row] = []
@@ -272,6 +273,10 @@ def run_interleaved(names: list[str], args, spec: EngineSpec, jpeg: bytes, tmp: 
     try:
         for name in names:
             peers.append(start_peer(name, spec, args.max_delay_ms, tmp, venv))
+        # Every peer up and warm before any is measured: the first one measured would otherwise share
+        # the cores with the others' start-up (Ray's is heavy), which made it look slower.
+        for peer in peers:
+            asyncio.run(http_rows(peer, args, spec, jpeg, [], log))  # no levels: readiness and warm-up
         for c in args.levels:
             for peer in peers:
                 rows += asyncio.run(http_rows(peer, args, spec, jpeg, [c], log))
