@@ -31,8 +31,9 @@ class HttpProtocol(HttpToolsProtocol):
         if self.in_head:
             self.unparsed_head_bytes += len(data)
         super().data_received(data)
+        answered = self.discarding or self.transport.is_closing()  # a 431 or 400 went out just now
         # a head still open after more than the limit (the slack: this chunk may end the last body)
-        if self.in_head and not self.discarding and self.unparsed_head_bytes > MAX_HEADER_BYTES + len(data):
+        if self.in_head and not answered and self.unparsed_head_bytes > MAX_HEADER_BYTES + len(data):
             self.too_large = True
             self.send_400_response("request headers too large")
 
