@@ -28,11 +28,11 @@ if _flag and sys.argv[-1:] == ["--multiprocessing-fork"]:
 
     _run = runtime.SegmentationEngine.run_device
 
-    def run_device(self, images):
+    def run_device(self, images, *args, **kwargs):
         try:
             os.unlink(_flag)
         except FileNotFoundError:
-            return _run(self, images)
+            return _run(self, images, *args, **kwargs)
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     runtime.SegmentationEngine.run_device = run_device
