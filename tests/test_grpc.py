@@ -530,24 +530,28 @@ def test_stream_survives_a_worker_restart(service, stub, frames, references):
             time.sleep(0.05)
 
     call = stub.StreamSegment(requests(), metadata=(*AUTH, ("drop-policy", "block")), timeout=150)
-    seen, errors, served_after = [], set(), 0
+    seen, errors, killed, served_after = [], set(), None, 0
     deadline = time.monotonic() + 120
     for r in call:
         seen.append(r.frame_id)
         if len(seen) == 3:
-            for pid in service.worker_pids():
+            killed = set(service.worker_pids())
+            for pid in killed:
                 os.kill(pid, 9)
         if r.HasField("error"):
             errors.add(r.error.code)
-        elif errors:
+        elif killed and set(service.worker_pids()) - killed:  # served once a new worker runs
             np.testing.assert_array_equal(labels_of(r), references[r.frame_id % 4])
             served_after += 1
             if served_after == 5:
                 stop.set()
         assert time.monotonic() < deadline, "the stream did not recover"
     assert seen == sorted(seen)
-    assert errors and errors <= {"worker_restarting", "not_ready"}, errors
+    # A frame on the worker when it died gets a retryable error; one sent while it was idle or
+    # restarting waits and is served, so whether any error shows depends on when the kill lands.
+    assert errors <= {"worker_restarting", "not_ready"}, errors
     assert served_after >= 5
+    assert metric_value(service.metrics(), "seg_worker_restarts_total", device="cpu", reason="crashed") >= 1
     assert_nothing_held(service)
 
 
