@@ -51,7 +51,6 @@ class RayBackedService:
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="codec")
         self.default_model = settings.models[0].name
         self.info: dict[str, dict] = {}  # model -> what a replica reported; absent until one answers
-        self.running: set[str] = set()  # models with at least one running replica, at the last poll
         self.replica_counts: dict[str, int] = {}  # model -> running replicas, at the last poll
         self.in_flight: dict[str, int] = dict.fromkeys(handles, 0)  # this ingress's requests per model
         self._poller: asyncio.Task | None = None
@@ -74,22 +73,24 @@ class RayBackedService:
             status = await asyncio.wait_for(asyncio.to_thread(serve.status), INFO_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - no answer means no replica we can vouch for
             log.info("Serve status unavailable: %s", exc)
-            self.running = set()
             self.replica_counts = {}
             return
-        running = set()
+        counts = {}
         for name, handle in self.handles.items():
             app = status.applications.get(handle.app_name)
             deployment = app.deployments.get(handle.deployment_name) if app else None
-            self.replica_counts[name] = deployment.replica_states.get("RUNNING", 0) if deployment else 0
-            if self.replica_counts[name] > 0:
-                running.add(name)
-            if name not in self.info and name in running:
+            counts[name] = deployment.replica_states.get("RUNNING", 0) if deployment else 0
+            if name not in self.info and counts[name] > 0:
                 try:
                     self.info[name] = await asyncio.wait_for(handle.info.remote(), INFO_TIMEOUT)
                 except Exception as exc:  # noqa: BLE001 - asked again at the next poll
                     log.info("model %s did not describe itself yet: %s", name, exc)
-        self.running = running
+        self.replica_counts = counts
+
+    @property
+    def running(self) -> set[str]:
+        """Models with at least one running replica, at the last poll."""
+        return {name for name, count in self.replica_counts.items() if count > 0}
 
     @property
     def ready(self) -> bool:
