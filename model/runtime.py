@@ -105,6 +105,7 @@ def _conv_before(bn_name: str, siblings: dict[str, nn.Module]) -> str | None:
 @dataclass
 class _Graph:
     graph: "torch.cuda.CUDAGraph"
+    input: torch.Tensor  # (bucket, H, W, 3) uint8: the rows of the device's static input it reads
     output: torch.Tensor  # (bucket, H, W) uint8, lives in the shared pool
     nbytes: int  # pool growth when it was captured (later, smaller buckets reuse the largest's memory)
 
@@ -250,7 +251,7 @@ class SegmentationEngine:
         if self.cuda_graphs and tta in GRAPH_TTA:
             if self.policy.route(key) and n <= self.buckets[-1] and key in self._graphs:
                 entry = self._graphs[key][self.bucket_for(n)]
-                self.resources.static_input(key[:2], self.buckets[-1], (id(self), tta))[:n].copy_(images)
+                entry.input[:n].copy_(images)
                 entry.graph.replay()
                 self.replays += 1
                 return entry.output[:n]
@@ -332,7 +333,7 @@ class SegmentationEngine:
             return False
         start = time.perf_counter()
         graphs = self._graphs.setdefault(key, {})
-        static = self.resources.static_input(key[:2], self.buckets[-1], (id(self), key[2]))
+        static = self.resources.static_input(key[:2], self.buckets[-1], self._input_user(key))
         try:
             for bucket in sorted(self.buckets, reverse=True):
                 if bucket in graphs:
@@ -358,7 +359,11 @@ class SegmentationEngine:
 
     def _drop_graphs(self, key: GraphKey) -> None:
         self._graphs.pop(key, None)
-        self.resources.release_input(key[:2], self.buckets[-1], (id(self), key[2]))
+        self.resources.release_input(key[:2], self.buckets[-1], self._input_user(key))
+
+    def _input_user(self, key: GraphKey) -> tuple[int, str]:
+        """Who reads a shape's static input: this engine's graphs of one tta mode."""
+        return id(self), key[2]
 
     def _capture_one(self, static_in: torch.Tensor, tta: str = "none") -> _Graph:
         if self.resources.pool is None:
@@ -379,4 +384,4 @@ class SegmentationEngine:
         with torch.cuda.stream(stream):
             graph.replay()  # replay once so a broken graph fails at capture, not on a request
         stream.synchronize()
-        return _Graph(graph, output, max(0, torch.cuda.memory_reserved(self.device) - reserved))
+        return _Graph(graph, static_in, output, max(0, torch.cuda.memory_reserved(self.device) - reserved))

@@ -210,7 +210,7 @@ def graph_engine(net, monkeypatch, fail_at: int | None = None, **limits):
         if fail_at is not None and static_in.shape[0] == fail_at:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.3 GiB")
         fake = ReplaysEager(engine, static_in, tta)
-        return _Graph(fake, fake.output, 1000 * static_in.shape[0])
+        return _Graph(fake, static_in, fake.output, 1000 * static_in.shape[0])
 
     monkeypatch.setattr(engine, "_capture_one", capture_one)
     return engine, captured
