@@ -165,6 +165,12 @@ class Frame:
     received: float  # time.perf_counter() when the server read it
 
 
+@dataclass
+class UnaryCall:
+    model: str  # the metric label: "none" until the request names a served model, then what ran
+    started: float
+
+
 class ServicerBase:
     """What both gRPC services (Segmentation and v2 inference) share: the request path, the API key
     check, and errors as status codes with their trailers."""
@@ -183,6 +189,29 @@ class ServicerBase:
     async def fail(self, context: grpc.aio.ServicerContext, error: ServiceError) -> None:
         self.service.count_rejection(error)
         await context.abort(status_of(error), error.message, trailing_metadata=trailers_of(error))
+
+    @contextlib.asynccontextmanager
+    async def unary_call(self, context: grpc.aio.ServicerContext, protocol: str, model: str = "none"):
+        """A unary call's accounting, shared by Segment and ModelInfer: the in-flight gauge, its
+        duration by (model, status), and a ServiceError answered as its status. The body sets
+        `call.model` to what ran; an unknown model is counted as "none" (names are the client's)."""
+        call = UnaryCall(model, time.perf_counter())
+        code = "INTERNAL"
+        self.metrics.in_flight.inc()
+        try:
+            yield call
+            code = "OK"
+        except ServiceError as exc:
+            code = exc.grpc_status
+            if exc.code == "not_found":
+                call.model = "none"
+            await self.fail(context, exc)
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        finally:
+            self.metrics.in_flight.dec()
+            self.observe(call.model, protocol, code, call.started)
 
     def observe(self, model: str, protocol: str, code: str, started: float) -> float:
         """Count a finished call in the request metrics; returns its seconds."""
@@ -251,29 +280,16 @@ class SegmentationServicer(ServicerBase, pb_grpc.SegmentationServicer):
 
     # -- unary -----------------------------------------------------------------------------------
     async def Segment(self, request: pb.SegmentRequest, context: grpc.aio.ServicerContext) -> pb.SegmentResponse:
-        started = time.perf_counter()
-        model, code = "none", "INTERNAL"
-        self.metrics.in_flight.inc()
-        try:
+        async with self.unary_call(context, "grpc") as call:
             self.authorize(context)
             check_decoded(request)
             options = self.service.options(request.model, request.tta)
-            model = options.model
+            call.model = options.model
             deadline_ms = effective_deadline_ms(request.deadline_ms, context.time_remaining())
             response = await self.serve(request, options, "grpc", deadline_ms)
-            model = response.model
-            code = "OK"
-            response.timings.total_ms = (time.perf_counter() - started) * 1000
+            call.model = response.model
+            response.timings.total_ms = (time.perf_counter() - call.started) * 1000
             return response
-        except ServiceError as exc:
-            code = exc.grpc_status
-            await self.fail(context, exc)
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        finally:
-            self.metrics.in_flight.dec()
-            self.observe(model, "grpc", code, started)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):
         try:

@@ -195,27 +195,12 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
 
     # -- inference -------------------------------------------------------------------------------
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext):
-        started = time.perf_counter()
-        model, code = request.model_name or "none", "INTERNAL"
-        self.metrics.in_flight.inc()
-        try:
+        async with self.unary_call(context, "v2_grpc", model=request.model_name or "none") as call:
             self.authorize(context)
-            model = self.model_of(request.model_name, request.model_version, allow_auto=True)
+            call.model = self.model_of(request.model_name, request.model_version, allow_auto=True)
             response = await self.run(request, "v2_grpc", context.time_remaining())
-            model = response.model_name  # what ran
-            code = "OK"
+            call.model = response.model_name  # what ran
             return response
-        except ServiceError as exc:
-            code = exc.grpc_status
-            if exc.code == "not_found":
-                model = "none"
-            await self.fail(context, exc)
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        finally:
-            self.metrics.in_flight.dec()
-            self.observe(model, "v2_grpc", code, started)
 
     async def ModelStreamInfer(self, request_iterator, context: grpc.aio.ServicerContext):
         await self.serve_stream(request_iterator, context)
