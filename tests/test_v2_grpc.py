@@ -408,6 +408,33 @@ def test_metrics_label_v2_grpc(service, client, images):
     assert metric_value(after, count, **ok) == metric_value(before, count, **ok) + 1
 
 
+def test_a_refused_model_name_never_becomes_a_metric_label(service, raw_stub, images):
+    """The model label comes from the served models, never from what a client wrote: a call
+    refused for its key, or for a model that does not exist, is counted under model="none"."""
+    good = elements(png(images[0]))
+    refusals = [
+        (request([("IMAGE", "BYTES", [1, 1])], [good], model="made-up-1"), (), "UNAUTHENTICATED"),
+        (request([("IMAGE", "BYTES", [1, 1])], [good], model="made-up-2"), AUTH, "NOT_FOUND"),
+    ]
+    for message, metadata, code in refusals:
+        with pytest.raises(grpc.RpcError) as info:
+            raw_stub.ModelInfer(message, metadata=metadata, timeout=60)
+        assert info.value.code().name == code
+    with grpc.insecure_channel(service.grpc_target) as channel:
+        stream = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            request_serializer=service_pb2.ModelInferRequest.SerializeToString,
+            response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
+        )
+        message = request([("IMAGE", "BYTES", [1, 1])], [good], model="made-up-3")
+        (answer,) = list(stream(iter([message]), metadata=AUTH, timeout=60))
+        assert "NOT_FOUND" in answer.error_message
+    text = service.metrics()
+    assert "made-up" not in text
+    for protocol, code in [("v2_grpc", "UNAUTHENTICATED"), ("v2_grpc", "NOT_FOUND"), ("v2_grpc_stream", "NOT_FOUND")]:
+        assert metric_value(text, "seg_request_duration_seconds_count", model="none", protocol=protocol, code=code) >= 1
+
+
 def test_concurrent_clients(service, images):
     """Several threads, each its own client, at once: every answer is right (bounded: 3 x 4 requests)."""
     expected = segment_labels(service, images[0])

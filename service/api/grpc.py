@@ -191,11 +191,12 @@ class ServicerBase:
         await context.abort(status_of(error), error.message, trailing_metadata=trailers_of(error))
 
     @contextlib.asynccontextmanager
-    async def unary_call(self, context: grpc.aio.ServicerContext, protocol: str, model: str = "none"):
+    async def unary_call(self, context: grpc.aio.ServicerContext, protocol: str):
         """A unary call's accounting, shared by Segment and ModelInfer: the in-flight gauge, its
-        duration by (model, status), and a ServiceError answered as its status. The body sets
-        `call.model` to what ran; an unknown model is counted as "none" (names are the client's)."""
-        call = UnaryCall(model, time.perf_counter())
+        duration by (model, status), and a ServiceError answered as its status. The label stays
+        "none" until the body sets `call.model` to a resolved name (a client's own name never
+        becomes a label), then to what ran."""
+        call = UnaryCall("none", time.perf_counter())
         code = "INTERNAL"
         self.metrics.in_flight.inc()
         try:
@@ -203,8 +204,6 @@ class ServicerBase:
             code = "OK"
         except ServiceError as exc:
             code = exc.grpc_status
-            if exc.code == "not_found":
-                call.model = "none"
             await self.fail(context, exc)
         except asyncio.CancelledError:
             code = "CANCELLED"

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import grpc
 
 from .. import __version__
-from ..choice import AUTO
 from ..errors import ServiceError
 from ..proto import inference_pb2 as pb
 from ..proto import inference_pb2_grpc as pb_grpc
@@ -29,7 +28,7 @@ from . import v2_tensors as tensors
 from .grpc import ServicerBase, effective_deadline_ms, status_of, stream_options
 from .streaming import DEFAULT_MAX_IN_FLIGHT, OrderedStream
 from .v2_params import ran_parameters, request_options
-from .v2_rest import EXTENSIONS, SERVER_NAME, VERSIONS, class_count
+from .v2_rest import EXTENSIONS, SERVER_NAME, class_count, v2_model
 
 log = logging.getLogger("service.grpc")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -122,21 +121,18 @@ class StreamRequest:
 
 class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
     def model_of(self, name: str, version: str, allow_auto: bool = False) -> str:
-        if version not in VERSIONS:
-            raise ServiceError("not_found", f"model {name!r} has no version {version!r}; its only version is 1")
-        if allow_auto and name.strip().lower() == AUTO:  # infer only: the service picks per image
-            return AUTO
-        return self.service.resolve_model(name)
+        return v2_model(self.service, name, version, allow_auto)
 
     async def run(
         self,
         request: pb.ModelInferRequest,
+        model: str,
         protocol: str,
         remaining_s: float | None,
         link: WorkerLink | None = None,
     ) -> pb.ModelInferResponse:
-        """One infer request through the shared request path. Raises ServiceError."""
-        model = self.model_of(request.model_name, request.model_version, allow_auto=True)
+        """One infer request for `model` (resolved by model_of, or auto) through the shared request
+        path. Raises ServiceError."""
         options = request_options(parameters_of(request.parameters))
         options["deadline_ms"] = effective_deadline_ms(options.get("deadline_ms", 0), remaining_s)
         items = tensors.batch_items(request_inputs(request), self.settings)
@@ -195,10 +191,10 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
 
     # -- inference -------------------------------------------------------------------------------
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext):
-        async with self.unary_call(context, "v2_grpc", model=request.model_name or "none") as call:
+        async with self.unary_call(context, "v2_grpc") as call:
             self.authorize(context)
             call.model = self.model_of(request.model_name, request.model_version, allow_auto=True)
-            response = await self.run(request, "v2_grpc", context.time_remaining())
+            response = await self.run(request, call.model, "v2_grpc", context.time_remaining())
             call.model = response.model_name  # what ran
             return response
 
@@ -250,9 +246,9 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
         model, code = "none", "INTERNAL"
         self.metrics.in_flight.inc()
         try:
-            with contextlib.suppress(ServiceError):
-                model = self.service.resolve_model(request.model_name)
-            response = pb.ModelStreamInferResponse(infer_response=await self.run(request, "v2_grpc_stream", None, link))
+            model = self.model_of(request.model_name, request.model_version, allow_auto=True)
+            response = await self.run(request, model, "v2_grpc_stream", None, link)
+            response = pb.ModelStreamInferResponse(infer_response=response)
             model = response.infer_response.model_name  # what ran
             code = "OK"
         except ServiceError as exc:

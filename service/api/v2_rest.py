@@ -50,6 +50,16 @@ def class_count(service: SegmentationService, model: str) -> int:
     return len(classes)
 
 
+def v2_model(service: SegmentationService, name: str, version: str = "", allow_auto: bool = False) -> str:
+    """The served model a v2 path or request names (version "" or "1"); `auto` for infer only, where
+    the service picks per image. Raises not_found."""
+    if version not in VERSIONS:
+        raise ServiceError("not_found", f"model {name!r} has no version {version!r}; its only version is 1")
+    if allow_auto and name.strip().lower() == AUTO:
+        return AUTO
+    return service.resolve_model(name)
+
+
 def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     """(JSON header, binary section) of an infer body, checked."""
     if header_length is None:
@@ -166,13 +176,6 @@ def add_v2_routes(app: FastAPI, service: SegmentationService) -> None:
     def authorize(request: Request) -> None:
         service.check_api_key(api_key_from(request.headers.get("x-api-key"), request.headers.get("authorization")))
 
-    def model_of(name: str, version: str = "", allow_auto: bool = False) -> str:
-        if version not in VERSIONS:
-            raise ServiceError("not_found", f"model {name!r} has no version {version!r}; its only version is 1")
-        if allow_auto and name.strip().lower() == AUTO:  # infer only: the service picks per image
-            return AUTO
-        return service.resolve_model(name)
-
     def routes(path: str, method: str, **kwargs):
         """Register the handler for /models/{model}/PATH and /models/{model}/versions/{version}/PATH."""
 
@@ -191,7 +194,7 @@ def add_v2_routes(app: FastAPI, service: SegmentationService) -> None:
     async def metadata(request: Request, model: str, version: str = ""):
         try:
             authorize(request)
-            name = model_of(model, version)
+            name = v2_model(service, model, version)
             return tensors.model_metadata(name, class_count(service, name))
         except ServiceError as exc:
             return v2_error(exc)
@@ -199,7 +202,7 @@ def add_v2_routes(app: FastAPI, service: SegmentationService) -> None:
     @routes("/ready", "GET", summary="Model readiness")
     async def model_ready(model: str, version: str = ""):
         try:
-            model_of(model, version)
+            v2_model(service, model, version)
         except ServiceError as exc:
             return v2_error(exc)
         if service.ready:
@@ -210,7 +213,7 @@ def add_v2_routes(app: FastAPI, service: SegmentationService) -> None:
     async def config(request: Request, model: str, version: str = ""):
         try:
             authorize(request)
-            name = model_of(model, version)
+            name = v2_model(service, model, version)
             return tensors.model_config(name, class_count(service, name), service.settings)
         except ServiceError as exc:
             return v2_error(exc)
@@ -222,7 +225,7 @@ def add_v2_routes(app: FastAPI, service: SegmentationService) -> None:
         metrics.in_flight.inc()
         try:
             authorize(request)
-            name = model_of(model, version, allow_auto=True)
+            name = v2_model(service, model, version, allow_auto=True)
             encoding = request.headers.get("content-encoding", "identity").lower()
             if encoding != "identity":
                 raise ServiceError("unsupported_media_type", f"Content-Encoding {encoding!r} is not supported")
