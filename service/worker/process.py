@@ -5,13 +5,13 @@ Messages (small tuples over a multiprocessing Pipe; pixels stay in shared memory
   worker -> front  ("ready", info) | ("fatal", message) | ("running", [ids])
                    ("done", [ids], batch_info) | ("expired", [ids]) | ("failed", [ids], message)
                    ("cancelled", id) | ("stats", stats) | ("dying", reason, message)
+                   ("invalid", [(id, message)])   images that failed to decode here (--decode worker)
 
 The device loop keeps up to PIPELINE_DEPTH batches in flight: batch N+1 is submitted (its pixels
 copied in from the slots) while batch N computes, and a batch is answered once its labels are
 in its slots. Between batches, when nothing is queued or in flight, the engines capture CUDA
 graphs for shapes their policy queued. A CUDA error that poisons the context ends the process
 (exit code DEVICE_ERROR_EXIT) after a ("dying", ...) message, so the supervisor restarts it.
-                   ("invalid", [(id, message)])   images that failed to decode in the worker (--decode worker)
 """
 
 from __future__ import annotations
@@ -254,6 +254,10 @@ class Worker:
             if batch:
                 self.start_batch(batch)
             if self.running and (not batch or len(self.running) >= PIPELINE_DEPTH):
+                self.finish_batch(self.running.popleft())  # waits for it
+            # Answer what is already done without waiting for the next batch: on the CPU a batch is
+            # done when submit returns, and holding it for the pipeline would add a batch to its latency.
+            while self.running and self.running[0].handle.ready():
                 self.finish_batch(self.running.popleft())
             self.maybe_send_stats()
 
