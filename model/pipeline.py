@@ -5,15 +5,18 @@ One `HostDevicePipeline` per device. `submit(run, inputs, outputs)` takes per-im
 
 1. copies each image on the *copy-in stream* into a device staging buffer (a ring of `depth`
    flat buffers, so batch N+1 is copied in while batch N computes);
-2. runs `run(staging)` on the *compute stream* once the copy-in event fired;
-3. copies each label map on the *copy-out stream* straight into its host output array, and
-   records a blocking event that `InFlight.wait()` sleeps on (no spinning synchronise).
+2. runs `run(staging)` on the *compute stream* once the copy-in event fired, then copies the labels
+   (device to device, a small fraction of the compute) into that ring slot's label buffer;
+3. copies each label map from there on the *copy-out stream* straight into its host output array,
+   and records a blocking event that `InFlight.wait()` sleeps on (no spinning synchronise).
 
-Copy-in of a ring buffer waits until the compute that last read it has been enqueued past it; the
-compute of a batch waits for the copy-out of the previous one (CUDA-graph outputs are static and
-would be overwritten otherwise). Host arrays must stay untouched until `wait()` returns; page-
-locked host memory (`register_host`) makes the copies true DMA. On the CPU the same code runs with
-no streams and no events: every step is synchronous and `wait()` returns at once.
+A ring slot's buffers are reused only once the batch that last used them is past them: its
+staging buffer after the compute that read it, its label buffer after the copy-out that read it.
+The label buffer is what lets batch N+1 compute while batch N's labels go to the host: a CUDA
+graph's output is static, and its next replay would overwrite labels still being copied out. Host
+arrays must stay untouched until `wait()` returns; page-locked host memory (`register_host`) makes
+the copies true DMA. On the CPU the same code runs with no streams and no events: every step is
+synchronous and `wait()` returns at once.
 """
 
 from __future__ import annotations
@@ -59,27 +62,31 @@ class HostDevicePipeline:
         self.device = device
         self.on_cuda = device.type == "cuda"
         self.depth = depth
-        self._ring: list[torch.Tensor] = [torch.empty(0, dtype=torch.uint8, device=device) for _ in range(depth)]
+        self._staging = self._ring()  # (N, H, W, 3) pixels per ring slot
+        self._labels = self._ring()  # (N, H, W) labels per ring slot
         self._next = 0
         self.batches = 0
         if self.on_cuda:
             self.compute = compute_stream or torch.cuda.Stream(device)
             self.copy_in = torch.cuda.Stream(device)
             self.copy_out = torch.cuda.Stream(device)
-            self._consumed: list[torch.cuda.Event | None] = [None] * depth
-            self._last_out: torch.cuda.Event | None = None
+            self._consumed: list[torch.cuda.Event | None] = [None] * depth  # compute done with the slot
+            self._copied_out: list[torch.cuda.Event | None] = [None] * depth  # copy-out done with it
+
+    def _ring(self) -> list[torch.Tensor]:
+        return [torch.empty(0, dtype=torch.uint8, device=self.device) for _ in range(self.depth)]
 
     def _stream(self, stream) -> contextlib.AbstractContextManager:
         return torch.cuda.stream(stream) if self.on_cuda else contextlib.nullcontext()
 
-    def _staging(self, slot: int, shape: tuple[int, ...]) -> torch.Tensor:
-        """A (N, H, W, 3) view of ring buffer `slot`, grown (rarely) when a batch needs more bytes."""
+    def _buffer(self, ring: list[torch.Tensor], slot: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """A `shape` view of ring buffer `slot`, grown (rarely) when a batch needs more bytes."""
         nbytes = int(np.prod(shape))
-        if self._ring[slot].numel() < nbytes:
+        if ring[slot].numel() < nbytes:
             if self.on_cuda:
                 torch.cuda.synchronize(self.device)  # the old buffer may still be read by a copy
-            self._ring[slot] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        return self._ring[slot][:nbytes].view(shape)
+            ring[slot] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return ring[slot][:nbytes].view(shape)
 
     def submit(
         self,
@@ -93,7 +100,8 @@ class HostDevicePipeline:
         height, width = inputs[0].shape[:2]
         slot = self._next
         self._next = (slot + 1) % self.depth
-        staging = self._staging(slot, (len(inputs), height, width, 3))
+        staging = self._buffer(self._staging, slot, (len(inputs), height, width, 3))
+        held = self._buffer(self._labels, slot, (len(inputs), height, width))
         cuda = self.on_cuda
         with self._stream(self.copy_in if cuda else None):
             if cuda and self._consumed[slot] is not None:
@@ -108,9 +116,10 @@ class HostDevicePipeline:
         with self._stream(self.compute if cuda else None):
             if cuda:
                 self.compute.wait_event(copied_in)
-                if self._last_out is not None:
-                    self.compute.wait_event(self._last_out)
             labels = run(staging)
+            if cuda and self._copied_out[slot] is not None:
+                self.compute.wait_event(self._copied_out[slot])
+            held.copy_(labels)  # out of the graph's static output before the next replay
             if cuda:
                 consumed = torch.cuda.Event()
                 consumed.record(self.compute)
@@ -118,13 +127,12 @@ class HostDevicePipeline:
         with self._stream(self.copy_out if cuda else None):
             if cuda:
                 self.copy_out.wait_event(consumed)
-                labels.record_stream(self.copy_out)  # eager outputs are freed only after this copy
             for i, out in enumerate(outputs):
-                host_tensor(out).copy_(labels[i], non_blocking=True)
+                host_tensor(out).copy_(held[i], non_blocking=True)
             done = torch.cuda.Event(blocking=True) if cuda else None
             if cuda:
                 done.record(self.copy_out)
-                self._last_out = done
+                self._copied_out[slot] = done
         self.batches += 1
         return InFlight(done, len(inputs))
 
