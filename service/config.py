@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from model.graph_policy import validate_buckets
 from model.zoo import ARCHS, ZOO
 
+from .worker.scheduler import POLICIES as BATCHING_POLICIES
+
 ALIASES = {"fast": "bisenetv1_r18", "accurate": "bisenetv1_r50"}
 
 
@@ -36,7 +38,7 @@ class Settings:
     grpc_port: int = 50051
     max_batch: int = 8
     max_delay_ms: float = 5.0
-    batching: str = "wait"  # wait: up to max_delay_ms for a batch to fill; greedy: run what is queued at once
+    batching: str = "wait"  # wait | adaptive | greedy (worker/scheduler.py)
     decode: str = "auto"  # frontend | worker | auto (worker on CUDA, frontend on CPU)
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8)
     warm_shapes: tuple[tuple[int, int], ...] = ((1024, 2048),)
@@ -147,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batching",
         default=_env("BATCHING", d.batching),
-        help="greedy: an idle worker runs what is queued at once, batches form while it is busy; "
-        "wait: a batch waits up to --max-delay-ms to fill [BISENET_BATCHING]",
+        help="wait: a batch waits up to --max-delay-ms to fill; adaptive: the same, but only while the "
+        "front end is still decoding requests that could join it; greedy: an idle worker runs what is "
+        "queued at once, batches form while it is busy [BISENET_BATCHING]",
     )
     p.add_argument(
         "--decode",
@@ -330,8 +333,8 @@ def load_settings(argv: list[str] | None = None) -> Settings:
         raise ConfigError(f"bad --dtype {args.dtype!r}: use auto, float32, float16 or bfloat16")
     if args.log_format.lower() not in ("text", "json"):
         raise ConfigError(f"bad --log-format {args.log_format!r}: use text or json")
-    if args.batching not in ("greedy", "wait"):
-        raise ConfigError(f"bad --batching {args.batching!r}: use greedy or wait")
+    if args.batching not in BATCHING_POLICIES:
+        raise ConfigError(f"bad --batching {args.batching!r}: use {', '.join(BATCHING_POLICIES)}")
     if args.decode not in ("auto", "frontend", "worker"):
         raise ConfigError(f"bad --decode {args.decode!r}: use auto, frontend or worker")
     if bool(args.tls_cert) != bool(args.tls_key):

@@ -209,7 +209,8 @@ class SegmentationService:
         model = self.chooser.placeholder(options)  # admitted under it until the choice is made
         self.dispatcher.admit(model)
         try:
-            placed = await self._decode_and_place_async(data, rgb)
+            with self.dispatcher.on_the_way():
+                placed = await self._decode_and_place_async(data, rgb)
             self.metrics.decode.labels(protocol).observe(placed.seconds)
             try:
                 link = link or self.dispatcher.pick_link()

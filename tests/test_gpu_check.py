@@ -54,7 +54,7 @@ def test_step_list(steps):
     names = list(steps)
     assert names[:5] == ["environment", "install", "gpu-tests", "model-bench", "model-compile"]
     assert names[-3:] == ["train-data", "train-r18", "train-r50"]
-    assert "streams-30fps" in names
+    assert "streams-30fps" in names and "service-grpc-batching-adaptive" in names
     services = [n for n in names if n.startswith("service-")]
     assert {n.split("-")[1] for n in services} == {"rest", "grpc"}
     assert all(timeout <= 300 for timeout, _ in steps.values())
@@ -99,6 +99,8 @@ def test_service_bench_commands_parse(steps):
         settings = load_settings(spawn)
         assert settings.devices == ("cuda:0",) and settings.warm_shapes == ((1024, 2048),)
         assert "--size" in argv and argv[argv.index("--size") + 1] == "1024x2048"
+    adaptive = bisenet_args(steps["service-grpc-batching-adaptive"][1])
+    assert load_settings(shlex.split(adaptive[adaptive.index("--spawn") + 1])).batching == "adaptive"
     assert "--target-fps" in steps["streams-30fps"][1] and "30" in bisenet_args(steps["streams-30fps"][1])
 
 

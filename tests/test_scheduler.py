@@ -11,8 +11,8 @@ from service.worker.scheduler import BatchScheduler, Job
 from service.worker.shm import SlotMaps, SlotPool
 
 
-def job(i, model="m", shape=(4, 4), arrival=0.0, deadline=None):
-    return Job(i, model, f"slot{i}", shape[0], shape[1], deadline, arrival)
+def job(i, model="m", shape=(4, 4), arrival=0.0, deadline=None, incoming=0):
+    return Job(i, model, f"slot{i}", shape[0], shape[1], deadline, arrival, incoming=incoming)
 
 
 def test_full_batch_runs_at_once_and_is_capped():
@@ -77,6 +77,31 @@ def test_cancel_removes_a_queued_job():
 
 def test_idle_scheduler_waits_for_work():
     assert BatchScheduler(4, 0.01, 0.1).next_batch(now=0.0) == (None, None)
+
+
+def test_adaptive_waits_only_while_requests_are_on_their_way():
+    s = BatchScheduler(max_batch=4, max_delay=1.0, default_budget=10.0, policy="adaptive")
+    s.add(job(1, arrival=0.0, incoming=2))  # two more were being decoded when it was sent
+    batch, wait = s.next_batch(now=0.0)
+    assert batch is None and wait == pytest.approx(1.0)  # they may join: wait, up to max_delay
+    s.add(job(2, arrival=0.1, incoming=1))
+    assert s.next_batch(now=0.1)[0] is None
+    s.add(job(3, arrival=0.2, incoming=0))  # the last one known: nothing else can join now
+    batch, _ = s.next_batch(now=0.2)
+    assert [j.id for j in batch] == [1, 2, 3]
+    s.add(job(4, arrival=0.3))  # a lone request with nothing on its way runs at once
+    batch, _ = s.next_batch(now=0.3)
+    assert [j.id for j in batch] == [4]
+    s.add(job(5, arrival=0.4, incoming=7))  # one whose company never comes waits max_delay, no longer
+    assert s.next_batch(now=1.39)[0] is None
+    assert [j.id for j in s.next_batch(now=1.4)[0]] == [5]
+
+
+def test_wait_ignores_what_is_on_its_way():
+    s = BatchScheduler(max_batch=4, max_delay=1.0, default_budget=10.0, policy="wait")
+    s.add(job(1, arrival=0.0, incoming=0))
+    batch, wait = s.next_batch(now=0.0)
+    assert batch is None and wait == pytest.approx(1.0)
 
 
 def test_slot_pool_reuses_by_size_and_respects_budget():

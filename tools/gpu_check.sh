@@ -3,8 +3,8 @@
 # report with the GPU tests, the model benchmark at 1024x2048 (R18 and R50: eager fp32 batch 1
 # NCHW, each optimisation, CUDA graphs fp16 at batch 1/4/8/16, torch.compile), fp16/bf16/graph
 # label agreement on photos, the service over REST and gRPC with 1024x2048 JPEGs (front-end and
-# worker decoding), the 30 fps streams held with p99 under 33.3 ms, and training images/s and
-# peak memory at 4 x 1024x1024 per GPU.
+# worker decoding; `--batching adaptive` beside the default), the 30 fps streams held with p99
+# under 33.3 ms, and training images/s and peak memory at 4 x 1024x1024 per GPU.
 #
 #   tools/gpu_check.sh [--dry-run] [--report FILE] [--budget SECONDS] [--python PYTHON]
 #
@@ -65,6 +65,10 @@ done
 last_mode=${DECODE_MODES##* }
 decode=""
 [ "$last_mode" != none ] && decode=" --decode $last_mode"
+# The batching policy that waits only while requests are on their way, beside the default (`wait`) row above.
+if $PY -m service --help 2>/dev/null | grep -q "adaptive"; then
+  step service-grpc-batching-adaptive 75 "$BISENET bench service --spawn \"$SERVE$decode --batching adaptive\" ${LOAD/--seconds 8/--seconds 5} --protocol grpc"
+fi
 step streams-30fps 120 "$BISENET bench service --spawn \"$SERVE$decode\" --device cuda --size 1024x2048 --format json --concurrency '' --warmup 0 --streams 8 --capacity --max-streams 64 --seconds 6 --target-fps 30 --stream-send jpeg"
 step train-data 60 "$PY tools/synthetic_train_data.py $WORK/cityscapes --count 16"
 for arch in r18 r50; do

@@ -9,6 +9,7 @@ running fail with a retryable 503, requests still queued are re-sent to its repl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
@@ -242,6 +243,7 @@ class Dispatcher:
         self.slots = SlotPool(shm_bytes, on_forget=self._forget_everywhere)
         self.links: list[WorkerLink] = []
         self.depth = dict.fromkeys(self.model_names, 0)
+        self.decoding = 0  # admitted requests not yet sent to a worker (told to it: --batching adaptive)
         self.draining = False
         self._ids = itertools.count(1)
         self._last_replays: dict[tuple[str, str], tuple[int, int]] = {}
@@ -329,6 +331,15 @@ class Dispatcher:
         batches = self.depth[model] / max(self.settings.max_batch, 1)
         return max(1, math.ceil(batches * self.settings.budget_seconds))
 
+    @contextlib.contextmanager
+    def on_the_way(self):
+        """A request is being decoded: jobs sent meanwhile tell the worker it may join their batch."""
+        self.decoding += 1
+        try:
+            yield
+        finally:
+            self.decoding -= 1
+
     def place(self, image: np.ndarray) -> Slot:
         """Copy a decoded image into a shared-memory slot (thread-safe; runs in the decode pool)."""
         slot = self.slots.acquire(image.nbytes)
@@ -373,6 +384,7 @@ class Dispatcher:
             tta,
             cost,
             encoded=encoded,
+            incoming=self.decoding,
         )
         future = asyncio.get_running_loop().create_future()
         link.pending[job.id] = Pending(job, slot, future, link)

@@ -3,11 +3,14 @@
 - Requests are grouped by (model, tta, height, width): only those can share a batch (and a graph).
 - Urgency is the request's deadline, or arrival + the frame budget when it has none; the group
   holding the most urgent request that is due runs first (earliest deadline first).
-- Two policies decide when a group is due:
-  `wait` (the default): when the group holds `max_batch` requests, when its oldest request has waited
+- Three policies decide when a group is due:
+  `wait`: when the group holds `max_batch` requests, when its oldest request has waited
   `max_delay`, or when its most urgent deadline would pass by waiting longer.
   `greedy`: at once. The worker runs what is queued as soon as it is free, so a lone request never
   waits, and batches form only from what arrives while the previous batch runs.
+  `adaptive`: as `wait`, but only while requests are on their way. Each job carries how many
+  requests the front end was still decoding when it was sent (`incoming`); once the latest job says
+  none, nothing known can join, and the group is due at once.
 - Requests whose deadline has passed are handed back as expired, never computed.
 """
 
@@ -29,13 +32,14 @@ class Job:
     cost: float = 0.0  # predicted worker seconds (the front end's estimate; counts as work queued ahead)
     urgency: float = field(default=0.0, compare=False)
     encoded: int = 0  # > 0: the slot holds this many bytes of a compressed image (--decode worker)
+    incoming: int = 0  # requests the front end was still decoding when it sent this one
 
     @property
     def key(self) -> tuple[str, str, int, int]:
         return self.model, self.tta, self.height, self.width
 
 
-POLICIES = ("greedy", "wait")
+POLICIES = ("adaptive", "greedy", "wait")
 
 
 class BatchScheduler:
@@ -46,6 +50,7 @@ class BatchScheduler:
         self.max_delay = 0.0 if policy == "greedy" else max_delay
         self.policy = policy
         self.default_budget = default_budget
+        self.incoming = 0  # what the latest job said is on its way
         self._groups: dict[tuple[str, str, int, int], list[Job]] = {}
         self._where: dict[int, tuple[str, str, int, int]] = {}
 
@@ -54,6 +59,7 @@ class BatchScheduler:
 
     def add(self, job: Job) -> None:
         job.urgency = job.deadline if job.deadline is not None else job.arrival + self.default_budget
+        self.incoming = job.incoming
         self._groups.setdefault(job.key, []).append(job)
         self._where[job.id] = job.key
 
@@ -77,13 +83,14 @@ class BatchScheduler:
     def next_batch(self, now: float) -> tuple[list[Job] | None, float | None]:
         """(batch to run now, None) or (None, seconds to wait; None = until a request arrives)."""
         best_key, best_urgency, wake = None, None, None
+        nothing_coming = self.policy == "adaptive" and self.incoming == 0
         for key, group in self._groups.items():
             urgency = min(j.urgency for j in group)
             due_at = min(j.arrival for j in group) + self.max_delay
             deadlines = [j.deadline for j in group if j.deadline is not None]
             if deadlines:  # only an explicit deadline cuts the wait short
                 due_at = min(due_at, min(deadlines) - self.max_delay)
-            if len(group) >= self.max_batch or due_at <= now:
+            if len(group) >= self.max_batch or due_at <= now or nothing_coming:
                 if best_urgency is None or urgency < best_urgency:
                     best_key, best_urgency = key, urgency
             else:
