@@ -146,3 +146,14 @@ def test_worker_maps_see_front_end_writes():
         maps.forget(slot.name)
     finally:
         pool.close()
+
+
+def test_batching_flag_takes_the_three_policies_and_refuses_others():
+    from service.config import ConfigError, load_settings
+
+    for policy in ("wait", "adaptive", "greedy"):
+        assert load_settings(["--batching", policy]).batching == policy
+    with pytest.raises(ConfigError, match="bad --batching 'eager': use adaptive, greedy, wait"):
+        load_settings(["--batching", "eager"])
+    with pytest.raises(ValueError, match="unknown batching policy"):
+        BatchScheduler(4, 0.005, 0.1, policy="eager")
