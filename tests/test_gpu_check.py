@@ -126,3 +126,27 @@ def test_training_data_tool_writes_a_dataset(steps, tmp_path):
     (sample,) = cityscapes_samples(tmp_path, "train")
     labels = read_label(sample.label)
     assert labels.shape == (1024, 2048) and labels.max() <= 18  # train ids, as the step trains on
+
+
+def requirement_name(line: str) -> str:
+    return re.split(r"[<>=!~\[; ]", line.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_every_runtime_dependency_reaches_the_gpu_machine(steps):
+    """The GPU machine installs offline from tools/gpu_wheels.txt: each runtime dependency of the
+    package is either listed there or named there as already in the GPU image (httptools once
+    slipped through: the front end would not have started)."""
+    import tomllib
+
+    listed, in_image = set(), set()
+    for line in (ROOT / "tools" / "gpu_wheels.txt").read_text().splitlines():
+        if line.startswith("# in-image:"):
+            in_image = {requirement_name(n) for n in line.removeprefix("# in-image:").split()}
+        elif line.strip() and not line.startswith("#"):
+            listed.add(requirement_name(line))
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    missing = {requirement_name(d) for d in dependencies} - listed - in_image
+    assert not missing, f"add to tools/gpu_wheels.txt (or its in-image line): {sorted(missing)}"
+    assert in_image and not listed & in_image
+    assert "-r tools/gpu_wheels.txt" in steps["install"][1] and "--no-index" in steps["install"][1]
+    assert "-r tools/gpu_wheels.txt" in (ROOT / "tools" / "prefetch_gpu_wheels.sh").read_text()

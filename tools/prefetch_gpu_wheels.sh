@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Download, on a machine with network access, the wheels tools/gpu_check.sh installs on a GPU
-# machine that has none: the service's packages that the target GPU image lacks (CPython 3.12,
-# manylinux x86_64), with their dependencies, into .gpu-wheels/ (git-ignored; it travels with the
-# checkout, and gpu_check.sh installs from it with --no-index).
+# machine that has none: the service's packages that the target GPU image lacks (listed in
+# tools/gpu_wheels.txt, CPython 3.12, manylinux x86_64), with their dependencies, into .gpu-wheels/
+# (git-ignored; it travels with the checkout, and gpu_check.sh installs from it with --no-index).
 #
 #   tools/prefetch_gpu_wheels.sh [--dir DIR] [--with-av]
 #
@@ -11,13 +11,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=.gpu-wheels
-PACKAGES=(fastapi pydantic uvicorn httptools python-multipart grpcio-health-checking grpcio-reflection
-  "grpcio>=1.85.1" "protobuf>=7.35.1")
+PACKAGES=(-r tools/gpu_wheels.txt)
 while [ $# -gt 0 ]; do
   case "$1" in
     --dir) DIR=$2; shift 2 ;;
     --with-av) PACKAGES+=("av>=12"); shift ;;
-    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "prefetch_gpu_wheels.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
