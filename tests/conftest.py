@@ -9,7 +9,18 @@ import torch
 from model import build_model
 
 HAS_CUDA = torch.cuda.is_available()
-gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+# The `gpu` mark: `pytest -m gpu` selects these tests (tools/gpu_check.sh does), and without CUDA
+# they skip (pytest_collection_modifyitems below).
+gpu = pytest.mark.gpu
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    needs_cuda = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(needs_cuda)
 
 
 @pytest.fixture(scope="session")

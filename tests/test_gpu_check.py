@@ -54,7 +54,8 @@ def test_step_list(steps):
     names = list(steps)
     assert names[:5] == ["environment", "install", "gpu-tests", "model-bench", "model-compile"]
     assert names[-3:] == ["train-data", "train-r18", "train-r50"]
-    assert "streams-30fps" in names and "service-grpc-batching-adaptive" in names
+    assert {"streams-30fps", "service-grpc-batching-adaptive", "decode-nvjpeg"} <= set(names)
+    assert "tests/test_gpu_service.py" in steps["gpu-tests"][1] and " -m gpu " in steps["gpu-tests"][1]
     services = [n for n in names if n.startswith("service-")]
     assert {n.split("-")[1] for n in services} == {"rest", "grpc"}
     assert all(timeout <= 300 for timeout, _ in steps.values())
@@ -150,3 +151,20 @@ def test_every_runtime_dependency_reaches_the_gpu_machine(steps):
     assert in_image and not listed & in_image
     assert "-r tools/gpu_wheels.txt" in steps["install"][1] and "--no-index" in steps["install"][1]
     assert "-r tools/gpu_wheels.txt" in (ROOT / "tools" / "prefetch_gpu_wheels.sh").read_text()
+
+
+def test_the_gpu_tests_step_selects_the_gpu_tests(steps):
+    """`-m gpu` selects by the mark: a test skipped without CUDA but not marked would not run there."""
+    command = shlex.split(steps["gpu-tests"][1])
+    run = subprocess.run([*command, "--collect-only"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    collected = [line for line in run.stdout.splitlines() if "::" in line]
+    assert len(collected) >= 8, run.stdout
+    assert any(line.startswith("tests/test_gpu_service.py::") for line in collected)
+
+
+def test_decode_bench_command_parses(steps):
+    flags = set(re.findall(r"--[a-z][a-z-]*", help_text(["bench", "decode"])))
+    argv = bisenet_args(steps["decode-nvjpeg"][1])
+    assert argv[:2] == ["bench", "decode"]
+    assert {a for a in argv[2:] if a.startswith("--")} <= flags
+    assert argv[argv.index("--weights") + 1] == "random"  # the GPU machine has no network

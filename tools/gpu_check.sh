@@ -2,7 +2,7 @@
 # One prepared GPU check: on one H100/H200 it runs in about 8 minutes and writes one markdown
 # report with the GPU tests, the model benchmark at 1024x2048 (R18 and R50: eager fp32 batch 1
 # NCHW, each optimisation, CUDA graphs fp16 at batch 1/4/8/16, torch.compile), fp16/bf16/graph
-# label agreement on photos, the service over REST and gRPC with 1024x2048 JPEGs (front-end and
+# label agreement on photos, nvJPEG against Pillow, the service over REST and gRPC with 1024x2048 JPEGs (front-end and
 # worker decoding; `--batching adaptive` beside the default), the 30 fps streams held with p99
 # under 33.3 ms, and training images/s and peak memory at 4 x 1024x1024 per GPU.
 #
@@ -52,9 +52,12 @@ step() { NAMES+=("$1"); TIMEOUTS+=("$2"); COMMANDS+=("$3"); }
 
 step environment 30 "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv && $PY -c 'import sys, torch, torchvision; print(sys.version.split()[0], torch.__version__, torch.version.cuda, torchvision.__version__, torch.cuda.get_device_name(0))'"
 step install 120 "$PY -m pip install -q --no-index --find-links $WHEELS -r tools/gpu_wheels.txt"
-step gpu-tests 150 "$PY -m pytest -q -p no:cacheprovider -m gpu tests/test_engine.py tests/test_runtime.py"
+step gpu-tests 180 "$PY -m pytest -q -p no:cacheprovider -m gpu tests/test_engine.py tests/test_runtime.py tests/test_gpu_service.py"
 step model-bench 240 "$BISENET bench model --device cuda --models bisenetv1_r18 bisenetv1_r50 --height 1024 --width 2048 --batches 1 4 8 16 --variants eager fold channels_last fp16 bf16 graphs batch engine --warmup 5 --iters 30 --max-seconds 2 --agreement"
 step model-compile 150 "$BISENET bench model --device cuda --models bisenetv1_r18 --height 1024 --width 2048 --batches 1 --variants compile --warmup 5 --iters 30 --max-seconds 2"
+# nvJPEG against Pillow on photos: pixel differences and label agreement (random weights: the
+# machine cannot download the official ones), and decode time per image.
+step decode-nvjpeg 60 "$BISENET bench decode --device cuda --model bisenetv1_r18 --weights random --size 1024x2048"
 for mode in $DECODE_MODES; do
   decode=""
   [ "$mode" != none ] && decode=" --decode $mode"
