@@ -134,14 +134,25 @@ def test_a_batch_of_only_broken_images_has_no_pixels(slots, picture):
     assert pixels.jobs == [] and pixels.images == [] and len(pixels.invalid) == 1
 
 
-def test_cuda_decoder_sends_only_upright_jpegs_to_nvjpeg(picture):
-    """nvJPEG ignores EXIF orientation: rotated JPEGs, other formats and broken headers take the CPU
-    path (checked without a GPU: that path never touches CUDA or torchvision)."""
+def test_cuda_decoder_sends_only_whole_upright_jpegs_to_nvjpeg(picture):
+    """nvJPEG ignores EXIF orientation, and may fill in what a truncated JPEG lacks: rotated and cut
+    JPEGs, other formats and broken headers take the CPU path (checked without a GPU: that path
+    never touches CUDA or torchvision)."""
     decoder = FrameDecoder("cuda:0", max_pixels=10_000)
-    assert decoder._upright_jpeg(encode(picture, quality=90))
-    assert decoder._upright_jpeg(with_orientation(picture, 1))
-    for body in (with_orientation(picture, 6), with_orientation(picture, 3), encode(picture, "PNG"), b"\xff\xd8\xff"):
-        assert not decoder._upright_jpeg(body)
+    whole = encode(picture, quality=90)
+    assert decoder._for_nvjpeg(whole)
+    assert decoder._for_nvjpeg(whole + b"\x00\x00")  # zero padding after the end marker
+    assert decoder._for_nvjpeg(with_orientation(picture, 1))
+    cut = whole[: len(whole) - 40]
+    for body in (
+        with_orientation(picture, 6),
+        with_orientation(picture, 3),
+        encode(picture, "PNG"),
+        b"\xff\xd8\xff",
+        cut,
+    ):
+        assert not decoder._for_nvjpeg(body)
+    assert isinstance(decoder.decode([cut])[0], str)  # refused on the CPU: 400 invalid_image
     rotated = with_orientation(picture, 6)
     frames = decoder.decode([rotated, encode(picture, "PNG")])
     np.testing.assert_array_equal(frames[0], imaging.decode_image(rotated, 10_000))

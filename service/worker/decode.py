@@ -4,8 +4,10 @@ batching, just before the engine.
 
 - On a CUDA device, JPEGs of a batch are decoded together on the GPU with nvJPEG
   (`torchvision.io.decode_jpeg`, imported only there: torchvision does not load beside the CPU
-  build of torch). Other formats, JPEGs with an EXIF rotation (nvJPEG ignores it) and any JPEG
-  nvJPEG refuses go through the front end's own decoder on the CPU.
+  build of torch). Other formats, JPEGs with an EXIF rotation (nvJPEG ignores it), JPEGs that do
+  not end with the end-of-image marker (truncated ones, which the CPU decoder refuses while a GPU
+  decoder may fill in the missing rows) and any JPEG nvJPEG refuses go through the front end's own
+  decoder on the CPU.
 - On the CPU, every image goes through the front end's decoder (`imaging.decode_image`), so labels
   are exactly what `--decode frontend` gives.
 - An image that fails to decode fails alone (400 invalid_image); the rest of its batch runs.
@@ -23,6 +25,7 @@ from .shm import SlotMaps
 
 log = logging.getLogger("service.worker.decode")
 JPEG_MAGIC = b"\xff\xd8\xff"
+JPEG_END = b"\xff\xd9"  # end-of-image marker
 
 
 @dataclass
@@ -75,16 +78,17 @@ class FrameDecoder:
         """Compressed images -> HxWx3 uint8 frames (numpy, or tensors on the CUDA device), or for
         each image that cannot be decoded the reason, as a string."""
         frames: list = [None] * len(blobs)
-        jpegs = [i for i, b in enumerate(blobs) if self.on_cuda and self._upright_jpeg(b)]
+        jpegs = [i for i, b in enumerate(blobs) if self.on_cuda and self._for_nvjpeg(b)]
         if jpegs:
             for i, frame in zip(jpegs, self._nvjpeg([blobs[i] for i in jpegs])):
                 frames[i] = frame
         return [frame if frame is not None else self._pillow(blob) for frame, blob in zip(frames, blobs)]
 
-    def _upright_jpeg(self, blob: bytes) -> bool:
-        """A JPEG without an EXIF rotation: nvJPEG's path ignores EXIF orientation, so rotated
-        photos (rare in video and camera streams) are decoded on the CPU, rotated as mmseg does."""
-        if not blob.startswith(JPEG_MAGIC):
+    def _for_nvjpeg(self, blob: bytes) -> bool:
+        """A whole JPEG without an EXIF rotation. nvJPEG's path ignores EXIF orientation, so rotated
+        photos (rare in video and camera streams) are decoded on the CPU, rotated as mmseg does; a
+        JPEG cut short goes there too, to be refused as the front end would refuse it."""
+        if not blob.startswith(JPEG_MAGIC) or not blob.rstrip(b"\x00").endswith(JPEG_END):
             return False
         try:
             return imaging.read_header(blob, self.max_pixels).orientation == 1
