@@ -13,6 +13,7 @@ from .api.http_protocol import HttpProtocol
 from .api.rest import create_app
 from .config import Settings
 from .core import SegmentationService
+from .worker.shm import usable_shm_bytes
 
 log = logging.getLogger("service")
 
@@ -24,7 +25,7 @@ class _Uvicorn(uvicorn.Server):
 
 
 async def serve(settings: Settings, model_weights: dict[str, str]) -> int:
-    service = SegmentationService(settings, model_weights, settings.shm_bytes)
+    service = SegmentationService(settings, model_weights, usable_shm_bytes(settings.shm_bytes))
     app = create_app(service)
     config = uvicorn.Config(
         app,

@@ -128,3 +128,36 @@ def test_concurrent_mixed_sizes_leak_no_slot_and_keep_labels_apart(service, fram
     assert metric_value(text, "seg_shm_slots_in_use") == 0 and metric_value(text, "seg_queue_depth") == 0
     assert metric_value(text, "seg_shm_bytes") <= SHM_BYTES
     assert post(service, frames["large"]).status_code == 200
+
+
+def test_a_budget_larger_than_dev_shm_is_cut_to_what_it_holds(monkeypatch, caplog):
+    """Writing past a full tmpfs kills the writer with SIGBUS (a container's /dev/shm is 64 MB by
+    default), so the service never trusts --shm-bytes beyond what /dev/shm has free."""
+    from service.worker import shm
+
+    class SixtyFourMegabytes:
+        f_bavail, f_frsize = 16384, 4096
+
+    assert shm.usable_shm_bytes(1 << 20) == 1 << 20  # this machine's /dev/shm holds 1 MiB
+    monkeypatch.setattr(shm.os, "statvfs", lambda root: SixtyFourMegabytes())
+    with caplog.at_level("WARNING", logger="service.shm"):
+        usable = shm.usable_shm_bytes(1 << 30)
+    assert usable == int((64 << 20) * shm.SHM_HEADROOM)
+    assert "less than --shm-bytes (1024 MiB)" in caplog.text and "--shm-size" in caplog.text
+    assert shm.usable_shm_bytes(32 << 20) == 32 << 20  # a budget it can hold is kept
+
+
+def test_the_service_starts_with_a_budget_dev_shm_cannot_hold(tmp_path, r18_checkpoint, photo):
+    log_path = tmp_path / "service.log"
+    svc = Service(
+        [*FAST_ARGS, "--model", f"bisenetv1_r18={r18_checkpoint}", "--shm-bytes", str(1 << 60)], log_path=log_path
+    )
+    try:
+        svc.wait_ready()
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(photo[:64, :96])).save(buf, format="PNG")
+        r = httpx.post(f"{svc.url}/segment", content=buf.getvalue(), headers={"Content-Type": "image/png"}, timeout=120)
+        assert r.status_code == 200, r.text
+    finally:
+        svc.stop()
+    assert "less than --shm-bytes" in log_path.read_text()

@@ -9,6 +9,7 @@ Only small control tuples travel over the pipe (see process.py for the message l
 from __future__ import annotations
 
 import itertools
+import logging
 import mmap
 import os
 import threading
@@ -18,8 +19,34 @@ import numpy as np
 
 from ..errors import ServiceError
 
+log = logging.getLogger("service.shm")
 ALIGN = 64 * 1024
+SHM_ROOT = "/dev/shm"
+SHM_HEADROOM = 0.9  # of what /dev/shm has free: other processes (Ray, data loaders) use it too
 _names = itertools.count()
+
+
+def usable_shm_bytes(requested: int, root: str = SHM_ROOT) -> int:
+    """The frame memory /dev/shm can really hold. A write past the end of a full tmpfs kills the
+    writing process with SIGBUS (a container's /dev/shm is 64 MB unless told otherwise), so a
+    budget larger than what is free there is cut down, with a warning: frames beyond it then get
+    429, not a crash."""
+    try:
+        stat = os.statvfs(root)
+    except OSError:
+        return requested  # not Linux-like: nothing to go by
+    free = int(stat.f_bavail * stat.f_frsize * SHM_HEADROOM)
+    if free >= requested:
+        return requested
+    log.warning(
+        "%s has %d MiB free, less than --shm-bytes (%d MiB): frames in flight are limited to %d MiB "
+        "(give the container more shared memory, e.g. docker run --shm-size=2g)",
+        root,
+        stat.f_bavail * stat.f_frsize >> 20,
+        requested >> 20,
+        free >> 20,
+    )
+    return free
 
 
 class Slot:
@@ -116,7 +143,7 @@ class SlotMaps:
     """Worker side: segments mapped by name (Linux /dev/shm), without the resource tracker, whose
     bookkeeping belongs to the front end that created them."""
 
-    def __init__(self, root: str = "/dev/shm"):
+    def __init__(self, root: str = SHM_ROOT):
         self.root = root
         self._maps: dict[str, mmap.mmap] = {}
 
