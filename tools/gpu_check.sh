@@ -50,7 +50,7 @@ LOAD="--device cuda --size 1024x2048 --format png --concurrency 1,8 --requests 4
 NAMES=() TIMEOUTS=() COMMANDS=()
 step() { NAMES+=("$1"); TIMEOUTS+=("$2"); COMMANDS+=("$3"); }
 
-step environment 30 "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv && $PY -c 'import sys, torch, torchvision; print(sys.version.split()[0], torch.__version__, torch.version.cuda, torchvision.__version__, torch.cuda.get_device_name(0))'"
+step environment 30 "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv && echo cpus \$(nproc), /dev/shm \$(df -h --output=avail /dev/shm | tail -1) free && $PY -c 'import sys, torch, torchvision; print(sys.version.split()[0], torch.__version__, torch.version.cuda, torchvision.__version__, torch.cuda.get_device_name(0))'"
 step install 120 "$PY -m pip install -q --no-index --find-links $WHEELS -r tools/gpu_wheels.txt"
 step gpu-tests 180 "$PY -m pytest -q -p no:cacheprovider -m gpu tests/test_engine.py tests/test_runtime.py tests/test_gpu_service.py"
 step model-bench 240 "$BISENET bench model --device cuda --models bisenetv1_r18 bisenetv1_r50 --height 1024 --width 2048 --batches 1 4 8 16 --variants eager fold channels_last fp16 bf16 graphs batch engine --warmup 5 --iters 30 --max-seconds 2 --agreement"
