@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One prepared GPU check: on one H100/H200 it runs in about 8 minutes and writes one markdown
-# report with the GPU tests, the model benchmark at 1024x2048 (R18 and R50: eager fp32 batch 1
-# NCHW, each optimisation, CUDA graphs fp16 at batch 1/4/8/16, torch.compile), fp16/bf16/graph
-# label agreement on photos, nvJPEG against Pillow, the service over REST and gRPC with 1024x2048 JPEGs (front-end and
-# worker decoding; `--batching adaptive` beside the default), the 30 fps streams held with p99
-# under 33.3 ms, and training images/s and peak memory at 4 x 1024x1024 per GPU.
+# report with the GPU tests (the whole service on the GPU among them), the model benchmark at
+# 1024x2048 (R18 and R50: eager fp32 batch 1 NCHW, each optimisation, CUDA graphs fp16 at batch
+# 1/4/8/16, torch.compile), fp16/bf16/graph label agreement on photos, nvJPEG against Pillow, the
+# service over REST and gRPC with 1024x2048 JPEGs (front-end and worker decoding), the 30 fps
+# streams held with p99 under 33.3 ms, training images/s and peak memory at 4 x 1024x1024 per GPU,
+# and last `--batching adaptive` beside the default.
 #
 #   tools/gpu_check.sh [--dry-run] [--report FILE] [--budget SECONDS] [--python PYTHON]
 #
