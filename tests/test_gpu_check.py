@@ -169,3 +169,13 @@ def test_decode_bench_command_parses(steps):
     assert argv[:2] == ["bench", "decode"]
     assert {a for a in argv[2:] if a.startswith("--")} <= flags
     assert argv[argv.index("--weights") + 1] == "random"  # the GPU machine has no network
+
+
+@pytest.mark.parametrize("script", ["gpu_check.sh", "prefetch_gpu_wheels.sh"])
+def test_help_prints_the_whole_header_and_no_code(script):
+    path = ROOT / "tools" / script
+    run = subprocess.run(["bash", str(path), "--help"], capture_output=True, text=True, timeout=30)
+    lines = path.read_text().splitlines()[1:]
+    header = lines[: next(i for i, line in enumerate(lines) if not line.startswith("#"))]
+    assert run.returncode == 0 and run.stdout.count("\n") >= 6
+    assert header[-1].lstrip("# ") in run.stdout and "set -" not in run.stdout

@@ -31,7 +31,7 @@ while [ $# -gt 0 ]; do
     --report) REPORT=$2; shift 2 ;;
     --budget) BUDGET=$2; shift 2 ;;
     --python) PY=$2; shift 2 ;;
-    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done

@@ -16,7 +16,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dir) DIR=$2; shift 2 ;;
     --with-av) PACKAGES+=("av>=12"); shift ;;
-    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
     *) echo "prefetch_gpu_wheels.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
