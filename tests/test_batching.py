@@ -61,7 +61,7 @@ def test_images_decoded_together_share_one_batch_without_the_wait(service, photo
     tensor.set_data_from_numpy(np.array([[png(c)] for c in crops], dtype=np.object_), binary_data=True)
     before = service.metrics()
     with httpclient.InferenceServerClient(service.url.removeprefix("http://")) as client:
-        result = client.infer(MODEL, [tensor], timeout=120)
+        result = client.infer(MODEL, [tensor])
     after = service.metrics()
     assert result.as_numpy("LABELS").shape == (3, 64, 96)
     batches = metric_value(after, "seg_batch_size_count") - metric_value(before, "seg_batch_size_count")
