@@ -88,6 +88,12 @@ def metric_value(text: str, name: str, **labels) -> float:
     return total
 
 
+def server_timing(response) -> dict[str, float]:
+    """A response's Server-Timing header as {stage: milliseconds}."""
+    parts = (part.strip().split(";dur=") for part in response.headers["Server-Timing"].split(","))
+    return {stage: float(ms) for stage, ms in parts}
+
+
 def service_metric(service: Service, name: str, **labels) -> float:
     """One metric of a running service, summed over the samples matching `labels`."""
     return metric_value(service.metrics(), name, **labels)

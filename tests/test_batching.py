@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.servicekit import FAST_ARGS, Service, metric_value
+from tests.servicekit import FAST_ARGS, Service, metric_value, server_timing
 
 httpclient = pytest.importorskip("tritonclient.http")
 
@@ -34,12 +34,6 @@ def png(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def server_timing(response: httpx.Response) -> dict[str, float]:
-    return {
-        k: float(v) for k, v in (part.strip().split(";dur=") for part in response.headers["Server-Timing"].split(","))
-    }
 
 
 def test_a_lone_request_does_not_wait_for_company(service, photo):

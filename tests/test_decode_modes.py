@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from service.proto import segmentation_pb2 as pb
-from tests.servicekit import FAST_ARGS, Service, metric_value, segmentation_stub
+from tests.servicekit import FAST_ARGS, Service, metric_value, segmentation_stub, server_timing
 
 WAIT_MS = 600  # the `wait` service's batching delay: long enough to tell from greedy on a busy CPU
 
@@ -171,15 +171,10 @@ def test_corrupt_jpeg_fails_alone_in_its_batch(services, photo_small):
     assert rejected - metric_value(before, "seg_requests_rejected_total", reason="invalid_image") == 1
 
 
-def queue_ms(response: httpx.Response) -> float:
-    timings = dict(part.strip().split(";dur=") for part in response.headers["Server-Timing"].split(","))
-    return float(timings["queue"])
-
-
 def test_greedy_batching_runs_a_lone_request_at_once(services, photo_small):
     body = encode(photo_small, quality=90)
     greedy = post(services["frontend"].url, body)  # --max-delay-ms 5000, ignored by greedy
     waiting = post(services["worker"].url, body)  # --batching wait
     assert greedy.status_code == waiting.status_code == 200
-    assert queue_ms(greedy) < 1000
-    assert queue_ms(waiting) >= WAIT_MS * 0.9
+    assert server_timing(greedy)["queue"] < 1000
+    assert server_timing(waiting)["queue"] >= WAIT_MS * 0.9

@@ -6,7 +6,6 @@ worker's own decoder, so nvJPEG's few differing pixels do not blur the compariso
 from __future__ import annotations
 
 import io
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -18,7 +17,7 @@ from PIL import Image
 
 from model import Segmenter
 from service.worker.decode import FrameDecoder
-from tests.servicekit import Service, metric_value
+from tests.servicekit import Service, service_metric, wait_for
 
 pytestmark = gpu
 MODEL = "bisenetv1_r18"
@@ -60,7 +59,7 @@ def encode(array: np.ndarray, fmt: str) -> bytes:
 
 
 def graph_replays(service) -> float:
-    return metric_value(service.metrics(), "seg_cuda_graph_replays_total")
+    return service_metric(service, "seg_cuda_graph_replays_total")
 
 
 def labels_of(url: str, body: bytes, content_type: str) -> np.ndarray:
@@ -87,11 +86,8 @@ def test_concurrent_requests_each_get_their_own_labels(service, reference, photo
     for i, labels in enumerate(got):
         agreement = float((labels == expected[i % 8]).mean())
         assert agreement >= 0.98, (i, agreement)  # fp16 batches of other sizes: a few pixels at most
-    # the worker reports its graph counters about once a second
-    deadline = time.monotonic() + 10
-    while (replays := graph_replays(service) - graph_replays_before) == 0 and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert replays > 0  # the warm shape's graphs served these
+    # the worker reports its graph counters about once a second: the warm shape's graphs served these
+    wait_for(lambda: graph_replays(service) > graph_replays_before, "graph replays", timeout=10)
 
 
 def test_a_corrupt_jpeg_fails_alone_on_the_gpu(service, photo):

@@ -57,7 +57,7 @@ class WorkerConfig:
     log_format: str = "text"
     lazy_capture_shapes: int = 4
     lazy_capture_pixels: int = 1024 * 2048
-    batching: str = "wait"  # scheduler policy: wait | greedy
+    batching: str = "wait"  # scheduler policy: wait | adaptive | greedy
     max_pixels: int = 4096 * 4096  # for images decoded here (--decode worker)
     cpu_threads: int = 0  # 0: torch's default
 
