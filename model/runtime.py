@@ -11,8 +11,9 @@ pipeline) lives in one `DeviceResources` shared by every model of the process: b
 overlap, so they need one copy only. On the CPU the same object runs eagerly through the same
 pipeline code.
 
-Logits are turned into labels one image at a time, so only one image's full-resolution fp32
-logits exist at once (19 x H x W x 4 bytes: 160 MB at 1024x2048), never a whole batch's.
+Logits are turned into labels one image at a time, and for images above 256 MB of full-size fp32
+logits (19 x H x W x 4 bytes: 160 MB at 1024x2048, 1.3 GB at 4096x4096) a group of channels at a
+time, never a whole batch's (`transforms.logits_to_labels`).
 """
 
 from __future__ import annotations
@@ -227,10 +228,7 @@ class SegmentationEngine:
             x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             logits = self.net(x)
-        labels = torch.empty((images.shape[0], height, width), dtype=torch.uint8, device=images.device)
-        for i in range(images.shape[0]):  # one image's full-resolution fp32 logits at a time
-            labels[i] = logits_to_labels(logits[i : i + 1], size, (height, width))[0]
-        return labels
+        return logits_to_labels(logits, size, (height, width))
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Decode-head logits for a uint8 NHWC batch (eager; for parity checks and TTA)."""

@@ -89,12 +89,52 @@ def resize_uint8(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return ((top + bottom + 2) >> 2).clamp_(0, 255).to(torch.uint8)
 
 
-def logits_to_labels(logits: torch.Tensor, input_size: tuple[int, int], output_size: tuple[int, int]) -> torch.Tensor:
-    """(N, C, h/8, w/8) logits -> (N, H, W) uint8 labels: resize to the input, then the original size."""
-    x = F.interpolate(logits.float(), size=input_size, mode="bilinear", align_corners=False)
+# Full-size fp32 bytes held at once while turning logits into labels: an image's 19 planes at
+# 4096x4096 would be 1.3 GB (of graph pool, when captured), so large images go a few planes at a time.
+LABEL_CHUNK_BYTES = 256 << 20
+
+
+def logits_to_labels(
+    logits: torch.Tensor,
+    input_size: tuple[int, int],
+    output_size: tuple[int, int],
+    chunk_bytes: int = LABEL_CHUNK_BYTES,
+) -> torch.Tensor:
+    """(N, C, h/8, w/8) logits -> (N, H, W) uint8 labels: resize to the input, then the original size.
+
+    Bilinear resizing treats each channel plane on its own, so this goes one image, and for large
+    images one group of channels, at a time with exactly the values of resizing the whole batch: a
+    running first maximum over the groups equals one argmax over all channels. The full-size fp32
+    held at once stays under `chunk_bytes` (or one plane, if that is larger).
+    """
+    n, classes = logits.shape[:2]
+    plane_bytes = 4 * max(input_size[0] * input_size[1], output_size[0] * output_size[1])
+    group = max(1, min(classes, chunk_bytes // plane_bytes))
+    labels = torch.empty((n, *output_size), dtype=torch.uint8, device=logits.device)
+    for i in range(n):
+        if group == classes:
+            labels[i] = _resized(logits[i : i + 1], input_size, output_size)[0].argmax(dim=0)
+            continue
+        best = None
+        for start in range(0, classes, group):
+            value, index = _resized(logits[i : i + 1, start : start + group], input_size, output_size)[0].max(dim=0)
+            index = index.to(torch.uint8) + start
+            if best is None:
+                best, labels[i] = value, index
+            else:
+                higher = value > best  # strictly: on a tie the earlier channel wins, as in argmax
+                best = torch.where(higher, value, best)
+                labels[i] = torch.where(higher, index, labels[i])
+    return labels
+
+
+def _resized(logits: torch.Tensor, input_size: tuple[int, int], output_size: tuple[int, int]) -> torch.Tensor:
+    # Contiguous NCHW whatever the network's memory format, so a group of channels and the whole
+    # tensor go through the same interpolation kernel (and the one mmsegmentation uses).
+    x = F.interpolate(logits.float().contiguous(), size=input_size, mode="bilinear", align_corners=False)
     if tuple(input_size) != tuple(output_size):
         x = F.interpolate(x, size=output_size, mode="bilinear", align_corners=False)
-    return x.argmax(dim=1).to(torch.uint8)
+    return x
 
 
 def as_rgb_uint8(image) -> np.ndarray:

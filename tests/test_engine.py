@@ -10,6 +10,7 @@ import gc
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import gpu
 
 from model import transforms
@@ -347,14 +348,42 @@ def test_models_on_one_device_share_its_resources(net):
     assert a.resources is b.resources
 
 
-# -- labels: one image's logits at a time, same labels --------------------------------------------------
-def test_per_image_labels_equal_whole_batch_labels(net, crops):
+# -- labels: one image (and for large images a few channels) at a time, same labels ------------------
+def _whole_batch_labels(logits, size, output):
+    """The plain computation, as mmsegmentation runs it: the whole batch's full-size NCHW fp32 logits,
+    then one argmax."""
+    x = F.interpolate(logits.float().contiguous(), size=size, mode="bilinear", align_corners=False)
+    return F.interpolate(x, size=output, mode="bilinear", align_corners=False).argmax(dim=1).to(torch.uint8)
+
+
+def test_engine_labels_equal_whole_batch_labels(net, crops):
     engine = SegmentationEngine(net, "cpu", "fp32", scale=SMALL)
     batch = torch.from_numpy(np.stack([crops[0], np.flip(crops[0], 1).copy(), crops[0][::-1].copy()]))
     size = transforms.test_size(*batch.shape[1:3], SMALL)
     with torch.inference_mode():
-        whole = transforms.logits_to_labels(engine.net(transforms.normalise(batch, size)), size, batch.shape[1:3])
+        whole = _whole_batch_labels(engine.net(transforms.normalise(batch, size)), size, batch.shape[1:3])
         assert torch.equal(engine.run_device(batch), whole)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_labels_in_channel_groups_equal_one_argmax(monkeypatch, channels_last):
+    """Small `chunk_bytes` splits the 19 channels into groups; ties (integer logits) keep the first class.
+    channels_last logits give the NCHW labels too (its interpolation kernel rounds differently)."""
+    logits = torch.randint(-3, 4, (2, 19, 9, 13)).float()  # many exact ties between classes
+    logits[0, 5] = 9.0  # one class ahead everywhere in image 0, in the middle of a group
+    if channels_last:
+        logits = logits.contiguous(memory_format=torch.channels_last)
+    size, output = (72, 104), (150, 230)
+    seen = []
+    real = F.interpolate
+    monkeypatch.setattr(transforms.F, "interpolate", lambda x, **kw: seen.append(x.shape[1]) or real(x, **kw))
+    grouped = transforms.logits_to_labels(logits, size, output, chunk_bytes=3 * 4 * 150 * 230)
+    assert max(seen) == 3 and len(seen) == 2 * 2 * 7  # 2 images x 7 groups x 2 resizes
+    assert torch.equal(grouped, _whole_batch_labels(logits, size, output))
+    assert (grouped[0] == 5).all() and len(grouped[1].unique()) > 10
+    seen.clear()
+    assert torch.equal(transforms.logits_to_labels(logits, size, output), grouped)
+    assert max(seen) == 19  # small images: all channels at once
 
 
 # -- the pipelined host path ----------------------------------------------------------------------------
@@ -430,3 +459,16 @@ def test_cuda_pipeline_overlaps_and_matches_eager(net, crops):
         assert (o == eager.segment(b)).mean() >= 0.999
     assert graphs.replays == 8 and graphs.misses == 0
     assert graphs.stats["graphs"][0]["bytes"]["4"] > 0  # the largest bucket's graph grew the pool
+
+
+@gpu
+def test_cuda_graph_of_a_large_image_holds_channel_groups_not_all_logits(net, photo):
+    """3000x4000 output: 19 full-size fp32 planes would be 912 MB of graph pool; groups of 5 keep it lower."""
+    image = np.ascontiguousarray(np.tile(photo, (8, 8, 1))[:3000, :4000])
+    plane = 4 * 3000 * 4000
+    graphs = SegmentationEngine(net, "cuda", "fp32", buckets=(1,), scale=SMALL, capture_inline=False)
+    graphs.warmup([image.shape[:2]])
+    eager = SegmentationEngine(net, "cuda", "fp32", cuda_graphs=False, scale=SMALL)
+    assert (graphs.segment(image[None]) == eager.segment(image[None])).mean() >= 0.999
+    assert graphs.replays == 1 and graphs.misses == 0
+    assert 0 < graphs.stats["graphs"][0]["bytes"]["1"] < 19 * plane
