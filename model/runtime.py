@@ -213,29 +213,31 @@ class SegmentationEngine:
         weakref.finalize(self, self.resources.release_user, id(self))
 
     # -- the computation ---------------------------------------------------------------------
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.cpu_autocast:
-            return torch.autocast("cpu", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    def network_input(self, images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """uint8 (N, H, W, 3) -> the network's normalised input at `size`, in its dtype and layout
+        (fp32 under CPU bf16 autocast: the weights stay fp32 and autocast casts for the convs)."""
+        x = normalise(images, size, torch.float32 if self.cpu_autocast else self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def network(self, x: torch.Tensor) -> torch.Tensor:
+        """Decode-head logits of a `network_input` batch (under bf16 autocast on CPUs that have it)."""
+        with torch.autocast("cpu", dtype=torch.bfloat16) if self.cpu_autocast else contextlib.nullcontext():
+            return self.net(x)
 
     def _pipeline(self, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
         if tta != "none":
             return segment_tta(self, images, tta)
         height, width = images.shape[1:3]
         size = test_size(height, width, self.scale)
-        x = normalise(images, size, torch.float32 if self.cpu_autocast else self.dtype)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with self._autocast():
-            logits = self.net(x)
-        return logits_to_labels(logits, size, (height, width))
+        return logits_to_labels(self.network(self.network_input(images, size)), size, (height, width))
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Decode-head logits for a uint8 NHWC batch (eager; for parity checks and TTA)."""
-        with torch.inference_mode(), self._autocast():
+        """Decode-head logits for a uint8 NHWC batch (eager; for parity checks)."""
+        with torch.inference_mode():
             size = test_size(*images.shape[1:3], self.scale)
-            x = normalise(images.to(self.device), size, torch.float32 if self.cpu_autocast else self.dtype)
-            return self.net(x).float()
+            return self.network(self.network_input(images.to(self.device), size)).float()
 
     def run_device(self, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
         """uint8 (N, H, W, 3) on the device -> uint8 (N, H, W) labels on the device.

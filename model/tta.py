@@ -7,7 +7,9 @@
 Each pass follows mmseg's order exactly: resize the uint8 image (OpenCV bilinear), mirror it,
 run the network, resize the logits to the pass's input, mirror them back, resize them to the
 original size, softmax; the probabilities are summed in pass order, divided by the pass count and
-turned into labels. A pass and its mirror run as one batch (2N images for a batch of N).
+turned into labels. A pass and its mirror run as one batch (2N images for a batch of N); the
+probabilities are then summed one image at a time, in the same order, so only one image's
+full-size probabilities exist at once.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .transforms import TEST_SCALE, normalise, test_size
+from .transforms import TEST_SCALE, test_size
 
 TTA_MODES = ("none", "flip", "ms_flip")
 MS_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
@@ -52,25 +54,25 @@ def work_units(mode: str, height: int, width: int, scale: tuple[int, int] = TEST
 def segment_tta(engine, images: torch.Tensor, mode: str) -> torch.Tensor:
     """uint8 (N, H, W, 3) on the engine's device -> (N, H, W) uint8 labels, averaged over `mode`'s passes."""
     n, height, width = images.shape[:3]
-    probs = None
-    passes = 0
     with torch.inference_mode():
+        passes = []  # (logits of the originals then the mirrors, network input size), in pass order
         for size in pass_sizes(mode, height, width, engine.scale):
-            x = normalise(images, size, engine.dtype)
-            batch = torch.cat([x, x.flip(3)])  # the mirrors of the whole batch after the originals
+            x = engine.network_input(images, size)
+            batch = torch.cat([x, x.flip(3)])
             if engine.channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)
-            logits = engine.net(batch)
-            for flipped in (False, True):
-                part = logits[n:] if flipped else logits[:n]
-                # One image at a time: logits at 1.75x the input size are large (19 x 1792 x 3584).
-                for i in range(n):
-                    p = _probabilities(part[i : i + 1], size, (height, width), flipped)
-                    if probs is None:
-                        probs = torch.zeros((n, *p.shape[1:]), dtype=torch.float32, device=p.device)
-                    probs[i] += p[0]
-                passes += 1
-    return (probs / passes).argmax(dim=1).to(torch.uint8)
+            passes.append((engine.network(batch), size))
+        labels = torch.empty((n, height, width), dtype=torch.uint8, device=images.device)
+        # One image at a time: full-size probabilities are 19 x H x W fp32 (160 MB at 1024x2048),
+        # and the logits of every pass together are about a quarter of that per image.
+        for i in range(n):
+            probs = None
+            for logits, size in passes:
+                for flipped in (False, True):
+                    p = _probabilities(logits[i + n * flipped][None], size, (height, width), flipped)[0]
+                    probs = p if probs is None else probs + p
+            labels[i] = (probs / (2 * len(passes))).argmax(dim=0)
+    return labels
 
 
 def _probabilities(logits: torch.Tensor, size: tuple[int, int], output: tuple[int, int], flipped: bool):

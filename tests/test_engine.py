@@ -88,12 +88,14 @@ def test_cpu_dtype_resolution():
 
 
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16")
-def test_cpu_bf16_labels_agree_with_fp32(net, photo):
+@pytest.mark.parametrize("tta", ["none", "flip", "ms_flip"])
+def test_cpu_bf16_labels_agree_with_fp32(net, photo, tta):
+    """Every mode runs under the autocast (TTA once fed bf16 inputs to the fp32 weights and failed)."""
     image = np.ascontiguousarray(photo[:256, :512])
     fp32 = SegmentationEngine(net, "cpu", "fp32", scale=SMALL)
     bf16 = SegmentationEngine(net, "cpu", "bf16", scale=SMALL)
     assert bf16.dtype == torch.bfloat16 and bf16.cpu_autocast and bf16.channels_last
-    a, b = fp32.segment(image[None]), bf16.segment(image[None])
+    a, b = fp32.segment(image[None], tta), bf16.segment(image[None], tta)
     assert a.shape == b.shape == (1, 256, 512)
     assert (a == b).mean() >= 0.95
 
