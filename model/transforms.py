@@ -117,14 +117,16 @@ def logits_to_labels(
             continue
         best = None
         for start in range(0, classes, group):
-            value, index = _resized(logits[i : i + 1, start : start + group], input_size, output_size)[0].max(dim=0)
-            index = index.to(torch.uint8) + start
-            if best is None:
-                best, labels[i] = value, index
-            else:
-                higher = value > best  # strictly: on a tie the earlier channel wins, as in argmax
-                best = torch.where(higher, value, best)
-                labels[i] = torch.where(higher, index, labels[i])
+            planes = _resized(logits[i : i + 1, start : start + group], input_size, output_size)[0]
+            for c, plane in enumerate(planes, start):
+                if best is None:
+                    best = plane.clone()
+                    labels[i] = 0
+                else:  # strictly higher: on a tie the earlier class stays, as in argmax
+                    higher = plane > best
+                    torch.maximum(best, plane, out=best)
+                    labels[i].masked_fill_(higher, c)
+            del planes, plane  # freed before the next group is resized, not after
     return labels
 
 

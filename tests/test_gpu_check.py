@@ -55,10 +55,12 @@ def test_step_list(steps):
     assert names[:5] == ["environment", "install", "gpu-tests", "model-bench", "model-compile"]
     # training before the optional adaptive run, which a tight budget skips first
     assert names[-4:] == ["train-data", "train-r18", "train-r50", "service-grpc-batching-adaptive"]
-    assert {"streams-30fps", "service-grpc-batching-adaptive", "decode-nvjpeg"} <= set(names)
+    assert {"streams-30fps", "service-grpc-batching-adaptive", "decode-nvjpeg", "labels-memory"} <= set(names)
     assert "tests/test_gpu_service.py" in steps["gpu-tests"][1] and " -m gpu " in steps["gpu-tests"][1]
     services = [n for n in names if n.startswith("service-")]
     assert {n.split("-")[1] for n in services} == {"rest", "grpc"}
+    # both decode modes whatever python runs the dry run (steps were once dropped when it lacked torch)
+    assert {f"service-{p}-decode-{m}" for p in ("rest", "grpc") for m in ("frontend", "worker")} <= set(services)
     assert all(timeout <= 300 for timeout, _ in steps.values())
 
 
@@ -169,6 +171,14 @@ def test_decode_bench_command_parses(steps):
     assert argv[:2] == ["bench", "decode"]
     assert {a for a in argv[2:] if a.startswith("--")} <= flags
     assert argv[argv.index("--weights") + 1] == "random"  # the GPU machine has no network
+
+
+def test_labels_memory_step_runs_here_on_a_small_image(steps):
+    command = steps["labels-memory"][1].replace("--device cuda", "--device cpu").replace("4096x4096", "300x400")
+    argv = shlex.split(command)
+    assert argv[:2] == [sys.executable, "tools/bench_labels.py"]
+    run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "labels identical across budgets: yes" in run.stdout, run.stdout + run.stderr
 
 
 @pytest.mark.parametrize("script", ["gpu_check.sh", "prefetch_gpu_wheels.sh"])

@@ -3,9 +3,10 @@
 # report with the GPU tests (the whole service on the GPU among them), the model benchmark at
 # 1024x2048 (R18 and R50: eager fp32 batch 1 NCHW, each optimisation, CUDA graphs fp16 at batch
 # 1/4/8/16, torch.compile), fp16/bf16/graph label agreement on photos, nvJPEG against Pillow, the
-# service over REST and gRPC with 1024x2048 JPEGs (front-end and worker decoding), the 30 fps
-# streams held with p99 under 33.3 ms, training images/s and peak memory at 4 x 1024x1024 per GPU,
-# and last `--batching adaptive` beside the default.
+# memory of turning a 4096x4096 image's logits into labels, the service over REST and gRPC with
+# 1024x2048 JPEGs (front-end and worker decoding), the 30 fps streams held with p99 under 33.3 ms,
+# training images/s and peak memory at 4 x 1024x1024 per GPU, and last `--batching adaptive`
+# beside the default.
 #
 #   tools/gpu_check.sh [--dry-run] [--report FILE] [--budget SECONDS] [--python PYTHON]
 #
@@ -38,13 +39,6 @@ done
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 BISENET="$PY -m service.cli"
 
-# Worker-side decoding (--decode) comes with the host-path work; without it only the front end decodes.
-if $PY -m service --help 2>/dev/null | grep -q -- "--decode"; then
-  DECODE_MODES="frontend worker"
-else
-  DECODE_MODES="none"
-fi
-
 SERVE="--model bisenetv1_r18=random --device cuda:0 --warm-shapes 1024x2048 --max-batch 8 --log-level warning"
 LOAD="--device cuda --size 1024x2048 --format png --concurrency 1,8 --requests 4000 --seconds 8 --warmup 16"
 
@@ -59,16 +53,15 @@ step model-compile 150 "$BISENET bench model --device cuda --models bisenetv1_r1
 # nvJPEG against Pillow on photos: pixel differences and label agreement (random weights: the
 # machine cannot download the official ones), and decode time per image.
 step decode-nvjpeg 60 "$BISENET bench decode --device cuda --model bisenetv1_r18 --weights random --size 1024x2048"
-for mode in $DECODE_MODES; do
-  decode=""
-  [ "$mode" != none ] && decode=" --decode $mode"
+# Logits -> labels of one 4096x4096 image (the --max-pixels limit): all channels at once against
+# the engine's channel groups (256 MB budget) and smaller ones; peak CUDA memory and time.
+step labels-memory 45 "$PY tools/bench_labels.py --device cuda --size 4096x4096 --budgets 4096,256,64 --repeats 5"
+for mode in frontend worker; do
   for protocol in rest grpc; do
-    step "service-$protocol-decode-$mode" 90 "$BISENET bench service --spawn \"$SERVE$decode\" $LOAD --protocol $protocol"
+    step "service-$protocol-decode-$mode" 90 "$BISENET bench service --spawn \"$SERVE --decode $mode\" $LOAD --protocol $protocol"
   done
 done
-last_mode=${DECODE_MODES##* }
-decode=""
-[ "$last_mode" != none ] && decode=" --decode $last_mode"
+decode=" --decode worker"
 step streams-30fps 120 "$BISENET bench service --spawn \"$SERVE$decode\" --device cuda --size 1024x2048 --format json --concurrency '' --warmup 0 --streams 8 --capacity --max-streams 64 --seconds 6 --target-fps 30 --stream-send jpeg"
 step train-data 60 "$PY tools/synthetic_train_data.py $WORK/cityscapes --count 16"
 for arch in r18 r50; do
@@ -77,15 +70,12 @@ done
 
 # The batching policy that waits only while requests are on their way, beside the default (`wait`) rows
 # above; last, so that it is the step a tight budget skips.
-if $PY -m service --help 2>/dev/null | grep -q "adaptive"; then
-  step service-grpc-batching-adaptive 75 "$BISENET bench service --spawn \"$SERVE$decode --batching adaptive\" ${LOAD/--seconds 8/--seconds 5} --protocol grpc"
-fi
+step service-grpc-batching-adaptive 75 "$BISENET bench service --spawn \"$SERVE$decode --batching adaptive\" ${LOAD/--seconds 8/--seconds 5} --protocol grpc"
 
 if [ "$DRY_RUN" = 1 ]; then
   for i in "${!NAMES[@]}"; do
     printf 'STEP\t%s\t%s\t%s\n' "${NAMES[$i]}" "${TIMEOUTS[$i]}" "${COMMANDS[$i]}"
   done
-  [ "$DECODE_MODES" = none ] && echo "NOTE	this build has no --decode flag: the service runs with front-end decoding only"
   exit 0
 fi
 
