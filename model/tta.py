@@ -70,7 +70,10 @@ def segment_tta(engine, images: torch.Tensor, mode: str) -> torch.Tensor:
             for logits, size in passes:
                 for flipped in (False, True):
                     p = _probabilities(logits[i + n * flipped][None], size, (height, width), flipped)[0]
-                    probs = p if probs is None else probs + p
+                    if probs is None:
+                        probs = p  # a fresh tensor: summing into it in place saves a full-size copy
+                    else:
+                        probs += p
             labels[i] = (probs / (2 * len(passes))).argmax(dim=0)
     return labels
 
