@@ -108,8 +108,7 @@ def logits_to_labels(
     held at once stays under `chunk_bytes` (or one plane, if that is larger).
     """
     n, classes = logits.shape[:2]
-    plane_bytes = 4 * max(input_size[0] * input_size[1], output_size[0] * output_size[1])
-    group = max(1, min(classes, chunk_bytes // plane_bytes))
+    group = channel_group(classes, input_size, output_size, chunk_bytes)
     labels = torch.empty((n, *output_size), dtype=torch.uint8, device=logits.device)
     for i in range(n):
         if group == classes:
@@ -128,6 +127,15 @@ def logits_to_labels(
                     labels[i].masked_fill_(higher, c)
             del planes, plane  # freed before the next group is resized, not after
     return labels
+
+
+def channel_group(
+    classes: int, input_size: tuple[int, int], output_size: tuple[int, int], chunk_bytes: int = LABEL_CHUNK_BYTES
+) -> int:
+    """How many channels `logits_to_labels` resizes at once: as many full-size fp32 planes (at the
+    larger of the two sizes) as fit in `chunk_bytes`, at least one."""
+    plane_bytes = 4 * max(input_size[0] * input_size[1], output_size[0] * output_size[1])
+    return max(1, min(classes, chunk_bytes // plane_bytes))
 
 
 def _resized(logits: torch.Tensor, input_size: tuple[int, int], output_size: tuple[int, int]) -> torch.Tensor:

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from model.transforms import logits_to_labels, test_size
+from model.transforms import channel_group, logits_to_labels, test_size
 
 
 def measure(height: int, width: int, budget_mb: int, repeats: int, device: str) -> dict:
@@ -74,14 +74,12 @@ def main(argv: list[str] | None = None) -> int:
             print(out.stderr, file=sys.stderr)
             return out.returncode
         rows.append((budget, json.loads(out.stdout.splitlines()[-1])))
-    network = test_size(height, width)
-    plane = 4 * max(height * width, network[0] * network[1])
     first = rows[0][1]
     print(f"logits -> labels, one {height}x{width} image, 19 classes, on {args.device}\n")
     print("| budget MB | channels per group | median ms | peak MB | time vs first | peak vs first |")
     print("|---:|---:|---:|---:|---:|---:|")
     for budget, r in rows:
-        group = max(1, min(19, (budget << 20) // plane))
+        group = channel_group(19, test_size(height, width), (height, width), budget << 20)
         print(
             f"| {budget} | {group} | {1000 * r['seconds']:.0f} | {r['peak'] / 2**20:.0f} "
             f"| {r['seconds'] / first['seconds']:.2f}x | {r['peak'] / max(first['peak'], 1):.2f}x |"
