@@ -1,4 +1,5 @@
-"""Every Prometheus metric of the service, defined once, in the front end's single registry.
+"""Every Prometheus metric of the service, defined once, in the front end's single registry, and
+Triton's statistics (service/statistics.py), fed by the same observations.
 
 Units are seconds; histogram buckets are multiples of the frame budget (1 / target fps) so that
 one bucket edge is exactly the budget. Labels carry no per-request or per-stream values.
@@ -16,6 +17,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from .statistics import Statistics
+
 BUDGET_MULTIPLES = (0.03, 0.075, 0.15, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 7.5, 15.0, 30.0, 75.0, 150.0, 300.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 PROTOCOLS = ("http", "grpc", "grpc_stream", "v2_http", "v2_grpc", "v2_grpc_stream")  # v2_*: KServe v2 doors
@@ -30,6 +33,7 @@ class Metrics:
         r = self.registry
         buckets = tuple(round(budget_seconds * m, 6) for m in BUDGET_MULTIPLES)
         self.budget_seconds = budget_seconds
+        self.statistics = Statistics()
 
         def hist(name, doc, labels):
             return Histogram(name, doc, labels, buckets=buckets, registry=r)
@@ -88,6 +92,7 @@ class Metrics:
 
     def start_series(self, models: list[str], devices: list[str], reasons: list[str]) -> None:
         """Create every label child at zero, so an alert's increase() sees the first event too."""
+        self.statistics.add_models(models)
         for model in models:
             for counter in (self.frames_dropped, self.graph_replays, self.graph_misses):
                 counter.labels(model)
@@ -99,10 +104,30 @@ class Metrics:
         for reason in reasons:
             self.rejected.labels(reason)
 
-    def observe_success(self, model: str, protocol: str, code: str, seconds: float) -> None:
+    def observe_request(self, model: str, protocol: str, code: str, seconds: float) -> None:
+        """A finished request (code: the HTTP status or gRPC status name): its duration, the budget
+        counter when it succeeded, and the statistics' success or fail."""
+        ok = code in ("200", "OK")
         self.request_duration.labels(model, protocol, code).observe(seconds)
-        if seconds > self.budget_seconds:
+        if ok and seconds > self.budget_seconds:
             self.over_budget.labels(model, protocol).inc()
+        self.statistics.request(model, ok, seconds)
+
+    def observe_outputs(self, fmt: str, served: list, seconds: float) -> None:
+        """Responses encoded in `seconds` for these served images (core.Served): the encode time,
+        and each image's phases in the statistics (the worker's preparation counts as input)."""
+        self.encode.labels(fmt).observe(seconds)
+        for s in served:
+            t, prepare = s.timings, s.result.prepare
+            self.statistics.image(
+                s.model, t["queue"], t["decode"] + prepare, t["inference"] - prepare, seconds / len(served)
+            )
+
+    def observe_batch(self, model: str, size: int, prepare: float, infer: float, output: float) -> None:
+        """A batch the worker ran in `infer` seconds, `prepare` of them preparing its inputs, and
+        whose labels the front end read out in `output`."""
+        self.batch_size.labels(model).observe(size)
+        self.statistics.batch(model, size, prepare, infer - prepare, output)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -215,10 +215,7 @@ class ServicerBase:
     def observe(self, model: str, protocol: str, code: str, started: float) -> float:
         """Count a finished call in the request metrics; returns its seconds."""
         elapsed = time.perf_counter() - started
-        if code == "OK":
-            self.metrics.observe_success(model, protocol, code, elapsed)
-        else:
-            self.metrics.request_duration.labels(model, protocol, code).observe(elapsed)
+        self.metrics.observe_request(model, protocol, code, elapsed)
         return elapsed
 
     async def serve_stream(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
@@ -257,7 +254,7 @@ class SegmentationServicer(ServicerBase, pb_grpc.SegmentationServicer):
             encode_result, request.format, labels, served.decoded_image, palette, len(classes)
         )
         encode_s = time.perf_counter() - start
-        self.metrics.encode.labels(FORMAT_LABEL.get(request.format, "png")).observe(encode_s)
+        self.metrics.observe_outputs(FORMAT_LABEL.get(request.format, "png"), [served], encode_s)
         t = served.timings
         return pb.SegmentResponse(
             frame_id=request.frame_id,

@@ -171,11 +171,7 @@ def create_app(service: SegmentationService) -> FastAPI:
             return error_response(exc)
         finally:
             metrics.in_flight.dec()
-            elapsed = time.perf_counter() - start
-            if status == 200:
-                metrics.observe_success(name, "http", "200", elapsed)
-            else:
-                metrics.request_duration.labels(name, "http", str(status)).observe(elapsed)
+            metrics.observe_request(name, "http", str(status), time.perf_counter() - start)
 
     @app.get("/models", summary="Served models, classes, palette, weights and captured graphs")
     async def models(x_api_key: str | None = Header(None), authorization: str | None = Header(None)):
@@ -220,7 +216,7 @@ async def encode_response(service: SegmentationService, served: Served, model: s
     else:
         body = imaging.label_bytes(labels)
     served.timings["encode"] = time.perf_counter() - start
-    service.metrics.encode.labels(fmt).observe(served.timings["encode"])
+    service.metrics.observe_outputs(fmt, [served], served.timings["encode"])
     headers = timing_headers(served, model)
     if fmt == "json":
         body["timings_ms"]["encode"] = round(served.timings["encode"] * 1000, 3)

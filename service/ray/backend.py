@@ -171,7 +171,8 @@ class RayBackedService:
         timings = reply["timings"]
         self.metrics.queue_wait.labels(model).observe(timings["queue"])
         self.metrics.inference.labels(model).observe(timings["inference"])
-        self.metrics.batch_size.labels(model).observe(reply["batch_size"])
+        if reply.get("first_of_batch"):
+            self.metrics.observe_batch(model, reply["batch_size"], 0.0, timings["inference"], 0.0)
         result = Result(np.asarray(reply["labels"]), model, timings, reply["batch_size"])
         return Served(result, image, {"decode": decode_s, **timings}, options.tta)
 

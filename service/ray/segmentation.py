@@ -114,6 +114,7 @@ class SegmentationReplica:
                 results[i] = {
                     "labels": lab,
                     "batch_size": len(indices),
+                    "first_of_batch": i == indices[0],  # the ingress counts the batch once, with it
                     "timings": {"queue": queue, "inference": infer},
                 }
         return results

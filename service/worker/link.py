@@ -39,6 +39,7 @@ class Result:
     model: str
     timings: dict  # seconds: queue, inference
     batch_size: int
+    prepare: float = 0.0  # seconds of `inference` the worker spent preparing the batch's inputs
 
 
 @dataclass
@@ -141,14 +142,17 @@ class WorkerLink:
         elif kind == "done":
             info = msg[2]
             first = self.pending.get(msg[1][0])
-            if first is not None:
-                self.dispatcher.metrics.batch_size.labels(first.job.model).observe(info["size"])
-                j = first.job
-                self.dispatcher.estimates.observe(j.model, j.tta, j.height, j.width, info["size"], info["infer"])
+            start = time.perf_counter()
             for job_id in msg[1]:
                 p = self.pending.pop(job_id, None)
                 if p is not None:
                     self.dispatcher.complete(p, info)
+            if first is not None:
+                j = first.job
+                self.dispatcher.metrics.observe_batch(
+                    j.model, info["size"], info["prepare"], info["infer"], time.perf_counter() - start
+                )
+                self.dispatcher.estimates.observe(j.model, j.tta, j.height, j.width, info["size"], info["infer"])
         elif kind == "expired":
             for job_id in msg[1]:
                 self._fail(job_id, ServiceError("deadline_exceeded", "the deadline passed before the request ran"))
@@ -406,7 +410,7 @@ class Dispatcher:
         timings = {"queue": max(info["start"] - p.job.arrival, 0.0), "inference": info["infer"]}
         self.metrics.queue_wait.labels(p.job.model).observe(timings["queue"])
         self.metrics.inference.labels(p.job.model).observe(info["infer"])
-        self.finish(p, Result(labels, p.job.model, timings, info["size"]))
+        self.finish(p, Result(labels, p.job.model, timings, info["size"], info["prepare"]))
 
     def release_slot(self, slot: Slot) -> None:
         """Give a slot back to the pool and keep the gauge in step."""

@@ -75,6 +75,7 @@ class _Running:
     jobs: list[Job]
     handle: object  # pipeline.InFlight
     start: float
+    prepared: float  # seconds of it preparing the inputs (slot views, decoding here)
     replayed: bool
     images: list  # the inputs, kept alive until the batch is answered (decoded frames are not in slots)
 
@@ -294,12 +295,13 @@ class Worker:
             batch, ids = pixels.jobs, [j.id for j in pixels.jobs]
             if not batch:
                 return
+            prepared = time.monotonic() - start
             replays = engine.replays
             handle = engine.submit(pixels.images, self.batch_outputs(batch), batch[0].tta)
         except Exception as exc:  # noqa: BLE001 - one failed batch must not end the worker
             self.batch_failed(ids, exc)
             return
-        self.running.append(_Running(batch, handle, start, engine.replays > replays, pixels.images))
+        self.running.append(_Running(batch, handle, start, prepared, engine.replays > replays, pixels.images))
 
     def finish_batch(self, run: _Running) -> None:
         ids = [j.id for j in run.jobs]
@@ -308,7 +310,13 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - asynchronous CUDA errors surface here
             self.batch_failed(ids, exc)
             return
-        info = {"start": run.start, "infer": time.monotonic() - run.start, "size": len(ids), "replayed": run.replayed}
+        info = {
+            "start": run.start,
+            "infer": time.monotonic() - run.start,
+            "prepare": run.prepared,
+            "size": len(ids),
+            "replayed": run.replayed,
+        }
         self.send("done", ids, info)
 
     def batch_failed(self, ids: list[int], exc: Exception) -> None:
