@@ -349,6 +349,9 @@ KEYED_ENDPOINTS = {
     ("GET", "/v2/models/{model}/versions/{version}"),
     ("GET", "/v2/models/{model}/config"),
     ("GET", "/v2/models/{model}/versions/{version}/config"),
+    ("GET", "/v2/models/stats"),
+    ("GET", "/v2/models/{model}/stats"),
+    ("GET", "/v2/models/{model}/versions/{version}/stats"),
     ("POST", "/v2/models/{model}/infer"),
     ("POST", "/v2/models/{model}/versions/{version}/infer"),
 }

@@ -320,6 +320,9 @@ def test_same_rest_api_and_errors(deployment):
     assert metric_value(text, "seg_batch_size_count", model=MODEL) >= 1
     assert metric_value(text, "seg_inference_seconds_count", model=MODEL) >= 1
     assert metric_value(text, "seg_requests_rejected_total", reason="invalid_image") >= 1
+    (stats,) = httpx.get(f"{deployment.url}/v2/models/{MODEL}/stats", timeout=10).json()["model_stats"]
+    assert stats["inference_count"] >= 1 and stats["execution_count"] >= 1  # Triton's statistics, per ingress
+    assert stats["inference_stats"]["fail"]["count"] >= 1 and stats["batch_stats"][0]["compute_infer"]["ns"] > 0
 
 
 def test_replica_metrics_reach_each_nodes_prometheus_endpoint(cluster, deployment):

@@ -408,6 +408,45 @@ def test_metrics_label_v2_grpc(service, client, images):
     assert metric_value(after, count, **ok) == metric_value(before, count, **ok) + 1
 
 
+def test_model_statistics(client, images):
+    """Triton's statistics over gRPC: a success and a failure counted, phases per image, batches."""
+
+    def stats(name: str = MODEL) -> dict:
+        (entry,) = client.get_inference_statistics(name, headers=auth(), as_json=True)["model_stats"]
+        return entry
+
+    before = stats()
+    client.infer(MODEL, [image_input(images[:2])], headers=auth())
+    broken = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
+    broken.set_data_from_numpy(np.array([[b"not an image"]], dtype=np.object_))
+    with pytest.raises(InferenceServerException, match="image"):
+        client.infer(MODEL, [broken], headers=auth())
+    after = stats("fast")  # an alias names the model
+    assert after["name"] == MODEL and after["version"] == "1"
+
+    def delta(*keys) -> int:  # as_json writes uint64 as strings; an absent field is zero
+        def get(entry):
+            for key in keys:
+                entry = entry.get(key, {})
+            return int(entry or 0)
+
+        return get(after) - get(before)
+
+    assert delta("inference_stats", "success", "count") == 1 and delta("inference_stats", "fail", "count") == 1
+    for phase in ("queue", "compute_input", "compute_infer", "compute_output"):
+        assert delta("inference_stats", phase, "count") == 2, phase
+    assert delta("inference_count") == 2 and 1 <= delta("execution_count") <= 2
+    assert delta("inference_stats", "compute_infer", "ns") > 0
+    every = client.get_inference_statistics(headers=auth()).model_stats  # no name: every model
+    assert [s.name for s in every] == [MODEL]
+    with pytest.raises(InferenceServerException, match="unknown model") as info:
+        client.get_inference_statistics("bisenetv9", headers=auth())
+    assert "NOT_FOUND" in info.value.status()
+    with pytest.raises(InferenceServerException, match="API key") as info:
+        client.get_inference_statistics(MODEL)
+    assert "UNAUTHENTICATED" in info.value.status()
+
+
 def test_a_refused_model_name_never_becomes_a_metric_label(service, raw_stub, images):
     """The model label comes from the served models, never from what a client wrote: a call
     refused for its key, or for a model that does not exist, is counted under model="none"."""

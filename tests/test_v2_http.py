@@ -268,6 +268,59 @@ def test_version_path_and_metrics(service, http, images):
     )
 
 
+# -- statistics (Triton's extension) -----------------------------------------------------------------
+def model_stats(client, model: str = MODEL, version: str = "") -> dict:
+    (stats,) = client.get_inference_statistics(model, version, headers=auth())["model_stats"]
+    return stats
+
+
+def phase_counts(stats: dict) -> dict:
+    return {phase: d["count"] for phase, d in stats["inference_stats"].items()}
+
+
+def batched_images(stats: dict) -> int:
+    """Images in every batch the worker ran, from batch_stats."""
+    return sum(b["batch_size"] * b["compute_infer"]["count"] for b in stats["batch_stats"])
+
+
+def test_statistics_count_requests_images_and_batches(client, http, images):
+    """Requests in success and fail, images in the phases and inference_count, batches in
+    execution_count and batch_stats; /segment counts as much as v2 infer does."""
+    before = model_stats(client)
+    frames = np.stack([images[2]] * 3)
+    client.infer(MODEL, [rgb_input(frames)], outputs=outputs(True), headers=auth())  # one request, 3 images
+    assert http.post("/segment", content=png(images[0]), headers={"Content-Type": "image/png"}).status_code == 200
+    assert http.post("/segment", content=b"not an image", headers={"Content-Type": "image/png"}).status_code == 400
+    after = model_stats(client)
+    counts, counted = phase_counts(after), phase_counts(before)
+    assert counts["success"] - counted["success"] == 2 and counts["fail"] - counted["fail"] == 1
+    for phase in ("queue", "compute_input", "compute_infer", "compute_output"):
+        assert counts[phase] - counted[phase] == 4, phase
+    assert after["inference_count"] - before["inference_count"] == 4
+    assert batched_images(after) - batched_images(before) == 4  # each image in exactly one batch
+    executions = sum(b["compute_infer"]["count"] for b in after["batch_stats"])
+    assert after["execution_count"] == executions and 1 <= executions - before["execution_count"] <= 4
+    infer_ns = after["inference_stats"]["compute_infer"]["ns"] - before["inference_stats"]["compute_infer"]["ns"]
+    success_ns = after["inference_stats"]["success"]["ns"] - before["inference_stats"]["success"]["ns"]
+    assert 0 < infer_ns and 0 < success_ns
+    assert after["last_inference"] > 0 and after["last_inference"] >= before["last_inference"]
+    assert after["name"] == MODEL and after["version"] == "1"
+
+
+def test_statistics_paths_and_refusals(service, client, http):
+    assert "statistics" in client.get_server_metadata()["extensions"]
+    every = http.get("/v2/models/stats")
+    assert every.status_code == 200 and [s["name"] for s in every.json()["model_stats"]] == [MODEL]
+    assert model_stats(client, "fast")["name"] == MODEL  # an alias names the model
+    assert model_stats(client, MODEL, "1")["name"] == MODEL
+    assert http.get(f"/v2/models/{MODEL}/versions/1/stats").json()["model_stats"][0]["name"] == MODEL
+    v2_error(http.get(f"/v2/models/{MODEL}/versions/2/stats"), 404, "version")
+    v2_error(http.get("/v2/models/bisenetv9/stats"), 404, "unknown model")
+    with pytest.raises(InferenceServerException, match="API key"):
+        client.get_inference_statistics(MODEL)
+    assert httpx.get(service.url + "/v2/models/stats").status_code == 401
+
+
 # -- bad input: each refused with its status and a v2 error body; the service keeps serving ----------
 def binary_body(header: dict, *chunks: bytes) -> tuple[bytes, dict]:
     head = json.dumps(header).encode()

@@ -59,6 +59,7 @@ def test_package_service_and_methods(ours):
         "ModelConfig",
         "ModelInfer",
         "ModelStreamInfer",
+        "ModelStatistics",
     }
     assert set(mine.methods_by_name) == wanted
     for name in wanted:

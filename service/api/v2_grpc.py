@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf import json_format
 
 from .. import __version__
 from ..errors import ServiceError
@@ -28,7 +29,7 @@ from . import v2_tensors as tensors
 from .grpc import ServicerBase, effective_deadline_ms, status_of, stream_options
 from .streaming import DEFAULT_MAX_IN_FLIGHT, OrderedStream
 from .v2_params import ran_parameters, request_options
-from .v2_rest import EXTENSIONS, SERVER_NAME, class_count, v2_model
+from .v2_rest import EXTENSIONS, SERVER_NAME, class_count, model_statistics, v2_model
 
 log = logging.getLogger("service.grpc")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -144,7 +145,7 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
             tensors.output_tensors, [s.result.labels for s in served], class_count(self.service, model), names
         )
         response = infer_response(model, request.id, outputs, ran_parameters(served))
-        self.metrics.encode.labels("v2").observe(time.perf_counter() - start)
+        self.metrics.observe_outputs("v2", served, time.perf_counter() - start)
         return response
 
     # -- health and metadata ---------------------------------------------------------------------
@@ -188,6 +189,14 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
         except ServiceError as exc:
             await self.fail(context, exc)
         return pb.ModelConfigResponse(config=config_message(config))
+
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context):
+        try:
+            self.authorize(context)
+            stats = model_statistics(self.service, request.name, request.version)
+        except ServiceError as exc:
+            await self.fail(context, exc)
+        return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
 
     # -- inference -------------------------------------------------------------------------------
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext):

@@ -1,6 +1,6 @@
 """KServe v2 (Open Inference Protocol) over HTTP, Triton-compatible: server and model metadata,
-readiness, Triton's model-configuration extension, and infer with JSON tensors or Triton's binary
-tensor extension. The health routes (/v2/health/live|ready) live in rest.py with /healthz and /readyz.
+readiness, Triton's model-configuration and statistics extensions, and infer with JSON tensors or
+Triton's binary tensor extension. The health routes (/v2/health/live|ready) live in rest.py with /healthz and /readyz.
 
 Errors use the v2 body {"error": "message"} (a string, as tritonclient expects) with the API's
 usual HTTP statuses and Retry-After.
@@ -25,7 +25,7 @@ from .v2_params import ran_parameters, request_options
 
 PROTOCOL = "v2_http"
 SERVER_NAME = "bisenet-serve"
-EXTENSIONS = ["binary_tensor_data", "model_configuration"]
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
 VERSIONS = ("", "1")  # one version per model; "1" is its name
 HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON_HEADROOM = 64 * 1024
@@ -58,6 +58,16 @@ def v2_model(service: SegmentationService, name: str, version: str = "", allow_a
     if allow_auto and name.strip().lower() == AUTO:
         return AUTO
     return service.resolve_model(name)
+
+
+def model_statistics(service: SegmentationService, name: str, version: str = "") -> list[dict]:
+    """The statistics extension's `model_stats`: the named model's, or every served model's when the
+    name is empty (service/statistics.py says what each phase covers). Raises not_found."""
+    if not name:
+        if version:
+            raise ServiceError("not_found", "a version needs a model name")
+        return service.metrics.statistics.snapshot()
+    return service.metrics.statistics.snapshot(v2_model(service, name, version))
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
@@ -190,6 +200,15 @@ def add_v2_routes(app: FastAPI, service: SegmentationService) -> None:
     async def server_metadata():
         return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
 
+    # Before /v2/models/{model}, which would take "stats" for a model name.
+    @app.get("/v2/models/stats", summary="Statistics of every model (Triton's statistics extension)", tags=tags)
+    async def all_statistics(request: Request):
+        try:
+            authorize(request)
+            return {"model_stats": model_statistics(service, "")}
+        except ServiceError as exc:
+            return v2_error(exc)
+
     @routes("", "GET", summary="Model metadata: inputs and outputs")
     async def metadata(request: Request, model: str, version: str = ""):
         try:
@@ -218,6 +237,14 @@ def add_v2_routes(app: FastAPI, service: SegmentationService) -> None:
         except ServiceError as exc:
             return v2_error(exc)
 
+    @routes("/stats", "GET", summary="Model statistics: counts and cumulative time per phase")
+    async def statistics(request: Request, model: str, version: str = ""):
+        try:
+            authorize(request)
+            return {"model_stats": model_statistics(service, model, version)}
+        except ServiceError as exc:
+            return v2_error(exc)
+
     @routes("/infer", "POST", summary="Inference with JSON or binary tensors")
     async def infer(request: Request, model: str, version: str = ""):
         start = time.perf_counter()
@@ -241,7 +268,7 @@ def add_v2_routes(app: FastAPI, service: SegmentationService) -> None:
                 tensors.output_tensors, [s.result.labels for s in served], class_count(service, name), output_names
             )
             response = infer_response(name, header.get("id"), outputs, binary_outputs, ran_parameters(served))
-            metrics.encode.labels("v2").observe(time.perf_counter() - encode_start)
+            metrics.observe_outputs("v2", served, time.perf_counter() - encode_start)
             status = 200
             return response
         except ServiceError as exc:
@@ -250,8 +277,4 @@ def add_v2_routes(app: FastAPI, service: SegmentationService) -> None:
             return v2_error(exc)
         finally:
             metrics.in_flight.dec()
-            elapsed = time.perf_counter() - start
-            if status == 200:
-                metrics.observe_success(name, PROTOCOL, "200", elapsed)
-            else:
-                metrics.request_duration.labels(name, PROTOCOL, str(status)).observe(elapsed)
+            metrics.observe_request(name, PROTOCOL, str(status), time.perf_counter() - start)
