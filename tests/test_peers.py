@@ -159,16 +159,21 @@ def test_perf_analyzer_against_triton(protocol, triton, spec, jpeg):
     result = run_perf_analyzer(url, spec.model, protocol, 2, SIZE, 1000, 3, headers, timeout=120)
     assert result.protocol == protocol and result.concurrency == 2
     assert result.throughput > 0 and 0 < result.p50_ms <= result.p99_ms
+    assert result.server_ms is not None and result.server_ms[2] > 0  # Triton's statistics: compute infer
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_perf_analyzer_against_the_service(protocol, service, spec, jpeg):
+    """perf_analyzer drives the service as it drives Triton, and reads the server's own split of the
+    time from the statistics extension, as it does Triton's."""
     perf_or_skip()
-    if not bench_peers.has_v2_config(service.url, spec.model):
-        pytest.skip("the service does not answer GET /v2/models/{model}/config yet (v2 endpoints)")
+    assert bench_peers.has_v2_config(service.url, spec.model)
     url = service.url.removeprefix("http://") if protocol == "http" else service.grpc
     result = run_perf_analyzer(url, spec.model, protocol, 2, SIZE, window_ms=2000, trials=3, timeout=180)
     assert result.throughput > 0 and 0 < result.p50_ms <= result.p99_ms
+    assert result.server_ms is not None, "perf_analyzer found no server-side statistics"
+    queue, compute_input, compute_infer, compute_output = result.server_ms
+    assert compute_infer > 0 and compute_input > 0 and compute_output > 0 and queue >= 0
 
 
 def test_perf_analyzer_failure_is_reported(spec):
@@ -210,12 +215,17 @@ def test_table_ratios_are_against_the_service(capsys):
         Row("service", "http jpeg", 4, 20.0, 10, 20, 40.0, "40/40"),
         Row("triton", "http jpeg", 4, 10.0, 10, 20, 80.0, "40/40"),
         Row("ray", "http jpeg", 16, 5.0, 10, 20, 80.0, "40/40"),
+        Row("service", "perf_analyzer grpc", 2, 30.0, 10, 20, 30.0, server_ms=(5.0, 0.04, 20.0, 0.3)),
     ]
     print_rows(rows, "t")
     out = capsys.readouterr().out
-    assert "| triton | http jpeg | 4 | 40/40 | 10.00 | 10.0 | 20.0 | 80.0 | 0.50x | 2.00x |" in out
-    assert "| service | http jpeg | 4 | 40/40 | 20.00 | 10.0 | 20.0 | 40.0 | 1.00x | 1.00x |" in out
-    assert "| ray | http jpeg | 16 | 40/40 | 5.00 | 10.0 | 20.0 | 80.0 | n/a | n/a |" in out
+    assert "| triton | http jpeg | 4 | 40/40 | 10.00 | 10.0 | 20.0 | 80.0 | 0.50x | 2.00x | - |" in out
+    assert "| service | http jpeg | 4 | 40/40 | 20.00 | 10.0 | 20.0 | 40.0 | 1.00x | 1.00x | - |" in out
+    assert "| ray | http jpeg | 16 | 40/40 | 5.00 | 10.0 | 20.0 | 80.0 | n/a | n/a | - |" in out
+    assert (
+        "| service | perf_analyzer grpc | 2 | - | 30.00 | 10.0 | 20.0 | 30.0 | 1.00x | 1.00x | 5.0 / 0.0 / 20.0 / 0.3 |"
+        in out
+    )
 
 
 def test_engine_spec_flags_match_the_service(spec):

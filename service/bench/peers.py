@@ -172,6 +172,7 @@ class Row:
     p90_ms: float
     p99_ms: float
     ok: str = ""  # ok/sent for the HTTP load
+    server_ms: tuple | None = None  # perf_analyzer's server-side split: queue, input, infer, output
 
     @classmethod
     def from_level(cls, peer: str, level: Level) -> Row:
@@ -196,6 +197,7 @@ class Row:
             result.p50_ms,
             result.p90_ms,
             result.p99_ms,
+            server_ms=result.server_ms,
         )
 
 
@@ -294,17 +296,23 @@ def print_rows(rows: list[Row], title: str) -> None:
     base = {(r.client, r.concurrency): r for r in rows if r.peer == "service"}
     print(f"\n{title}\n")
     print(
-        "| peer | client | concurrency | ok/sent | images/s | p50 ms | p90 ms | p99 ms | images/s vs service | p99 vs service |"
+        "| peer | client | concurrency | ok/sent | images/s | p50 ms | p90 ms | p99 ms | images/s vs service "
+        "| p99 vs service | server ms: queue / input / infer / output |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r.client, r.concurrency, PEERS.index(r.peer))):
         ref = base.get((r.client, r.concurrency))
         tput = f"{r.throughput / ref.throughput:.2f}x" if ref and ref.throughput else "n/a"
         p99 = f"{r.p99_ms / ref.p99_ms:.2f}x" if ref and ref.p99_ms else "n/a"
         print(
             f"| {r.peer} | {r.client} | {r.concurrency} | {r.ok or '-'} | {r.throughput:.2f} | "
-            f"{r.p50_ms:.1f} | {r.p90_ms:.1f} | {r.p99_ms:.1f} | {tput} | {p99} |"
+            f"{r.p50_ms:.1f} | {r.p90_ms:.1f} | {r.p99_ms:.1f} | {tput} | {p99} | {server_split(r)} |"
         )
+
+
+def server_split(row: Row) -> str:
+    """The server's own time split, as perf_analyzer read it from the statistics extension."""
+    return " / ".join(f"{ms:.1f}" for ms in row.server_ms) if row.server_ms else "-"
 
 
 def ensure_venv(venv: Path, log) -> None:

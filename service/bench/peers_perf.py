@@ -57,6 +57,9 @@ class PerfResult:
     p50_ms: float
     p90_ms: float
     p99_ms: float
+    # The server's own split of a request (Triton's statistics extension), ms per request:
+    # queue, compute input, compute infer, compute output; None when the server has no statistics.
+    server_ms: tuple[float, float, float, float] | None = None
 
 
 def run_perf_analyzer(
@@ -123,4 +126,16 @@ def run_perf_analyzer(
         float(row["p50 latency"]) / 1000,
         float(row["p90 latency"]) / 1000,
         float(row["p99 latency"]) / 1000,
+        server_phases(row),
     )
+
+
+SERVER_COLUMNS = ("Server Queue", "Server Compute Input", "Server Compute Infer", "Server Compute Output")
+
+
+def server_phases(row: dict) -> tuple[float, float, float, float] | None:
+    """perf_analyzer's server-side columns (µs), present when the server answers statistics, in ms."""
+    if not all(row.get(column) for column in SERVER_COLUMNS):
+        return None
+    queue, compute_input, infer, output = (float(row[column]) / 1000 for column in SERVER_COLUMNS)
+    return queue, compute_input, infer, output
