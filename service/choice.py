@@ -39,13 +39,18 @@ class Mode:
         return f"{self.model}:{self.tta}"
 
 
+DEFAULT_PRIORITY = 1  # what a request that names none gets: the first level
+
+
 @dataclass(frozen=True)
 class RequestOptions:
-    """What a client asked for: a served model name or 'auto', a tta mode or 'auto', a deadline."""
+    """What a client asked for: a served model name or 'auto', a tta mode or 'auto', a deadline,
+    a priority (1 runs first)."""
 
     model: str
     tta: str = "none"
     deadline_ms: int | None = None
+    priority: int = DEFAULT_PRIORITY
 
     @property
     def requested(self) -> str:
@@ -74,11 +79,17 @@ class StreamState:
 
 
 def parse_options(
-    model: str | None, tta: str | None, deadline_ms, resolve_model: Callable[[str | None], str]
+    model: str | None,
+    tta: str | None,
+    deadline_ms,
+    resolve_model: Callable[[str | None], str],
+    priority=None,
+    levels: int = 1,
 ) -> RequestOptions:
-    """One parser for every front door: (model, tta, deadline_ms) as received -> RequestOptions.
+    """One parser for every front door: (model, tta, deadline_ms, priority) as received -> RequestOptions.
 
-    Raises ServiceError: 404 for an unknown model, 422 for an unknown tta or a bad deadline."""
+    Raises ServiceError: 404 for an unknown model, 422 for an unknown tta, a bad deadline or a
+    priority outside 0..levels (0, as in Triton's protocol, and None mean the default)."""
     model = (model or "").strip() or None
     name = AUTO if model is not None and model.lower() == AUTO else resolve_model(model)
     mode = (tta or "").strip().lower() or "none"
@@ -89,7 +100,15 @@ def parse_options(
             raise ServiceError("bad_request", f"deadline_ms must be an integer, not {deadline_ms!r}")
         if not 1 <= deadline_ms <= MAX_DEADLINE_MS:
             raise ServiceError("bad_request", f"deadline_ms must be 1..{MAX_DEADLINE_MS}, not {deadline_ms}")
-    return RequestOptions(name, mode, deadline_ms)
+    if priority is not None and (
+        isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= levels
+    ):
+        raise ServiceError(
+            "bad_request",
+            f"priority must be an integer 1..{levels} (--priority-levels; 1 runs first, 0 means the default "
+            f"{DEFAULT_PRIORITY}), not {priority!r}",
+        )
+    return RequestOptions(name, mode, deadline_ms, priority or DEFAULT_PRIORITY)
 
 
 def published_entry(name: str, weights: str | None) -> ZooEntry | None:

@@ -47,6 +47,7 @@ class Settings:
     resize_scale: tuple[int, int] = (2048, 1024)
     target_fps: float = 30.0
     max_queue: int = 64
+    priority_levels: int = 2  # requests say priority 1 (the default, first) .. this
     max_image_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 4096 * 4096
     shm_bytes: int = 1 << 30
@@ -196,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-queue",
         default=_env("MAX_QUEUE", d.max_queue),
         help="requests waiting per model before 429 [BISENET_MAX_QUEUE]",
+    )
+    p.add_argument(
+        "--priority-levels",
+        default=_env("PRIORITY_LEVELS", d.priority_levels),
+        help="priorities a request may ask for, 1 (the default) runs first; 1 turns priorities off "
+        "[BISENET_PRIORITY_LEVELS]",
     )
     p.add_argument(
         "--max-image-bytes",
@@ -358,6 +365,7 @@ def load_settings(argv: list[str] | None = None) -> Settings:
         resize_scale=parse_shape(args.resize_scale),
         target_fps=_number(args.target_fps, "target-fps", float, minimum=0.1),
         max_queue=_number(args.max_queue, "max-queue", minimum=1),
+        priority_levels=_number(args.priority_levels, "priority-levels", minimum=1),
         max_image_bytes=_number(args.max_image_bytes, "max-image-bytes", minimum=1),
         max_pixels=_number(args.max_pixels, "max-pixels", minimum=1),
         shm_bytes=_number(args.shm_bytes, "shm-bytes", minimum=1 << 20),

@@ -139,9 +139,9 @@ class SegmentationService:
             )
         return name
 
-    def options(self, model: str | None, tta: str | None = None, deadline_ms=None) -> RequestOptions:
-        """A request's (model, tta, deadline_ms) as any front door received them, checked (404/422)."""
-        return parse_options(model, tta, deadline_ms, self.resolve_model)
+    def options(self, model: str | None, tta: str | None = None, deadline_ms=None, priority=None) -> RequestOptions:
+        """A request's (model, tta, deadline_ms, priority) as any front door received them, checked (404/422)."""
+        return parse_options(model, tta, deadline_ms, self.resolve_model, priority, self.settings.priority_levels)
 
     def _predict(self, mode: Mode, height: int, width: int) -> float | None:
         return self.dispatcher.estimates.predict(mode.model, mode.tta, height, width)
@@ -224,7 +224,15 @@ class SegmentationService:
                     model = choice.mode.model
                 self.metrics.mode_choices.labels(options.requested, str(choice.mode)).inc()
                 future = self.dispatcher.submit(
-                    model, placed.slot, placed.shape, deadline, link, choice.mode.tta, choice.predicted, placed.encoded
+                    model,
+                    placed.slot,
+                    placed.shape,
+                    deadline,
+                    link,
+                    choice.mode.tta,
+                    choice.predicted,
+                    placed.encoded,
+                    options.priority,
                 )
             except ServiceError:
                 self.dispatcher.release_slot(placed.slot)
@@ -254,12 +262,13 @@ class SegmentationService:
         *,
         deadline_ms: int | None = None,
         tta: str | None = None,
+        priority: int | None = None,
         link: WorkerLink | None = None,
     ) -> list[Served]:
         """Several images of one request (each `data=` or `rgb=`), each admitted and batched by the
         worker like a single one, results in order. The first error cancels the others and is raised.
         `model` and `tta` may be 'auto' (the choice is made per image)."""
-        options = self.options(model, tta, deadline_ms)
+        options = self.options(model, tta, deadline_ms, priority)
         tasks = [asyncio.ensure_future(self.segment(options, protocol, link=link, **item)) for item in items]
         try:
             return list(await asyncio.gather(*tasks))

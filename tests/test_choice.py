@@ -35,6 +35,16 @@ def test_parse_options_names_the_choices():
             parse_options(None, None, deadline, resolve)
 
 
+def test_parse_options_takes_a_priority_within_the_levels():
+    assert parse_options(None, None, None, resolve).priority == 1  # none given: the first level
+    assert parse_options(None, None, None, resolve, 0, levels=3).priority == 1  # 0 is Triton's "default"
+    assert parse_options(None, None, None, resolve, 3, levels=3).priority == 3
+    for priority in (-1, 4, "2", True, 1.0):
+        with pytest.raises(ServiceError, match=r"priority must be an integer 1\.\.3") as bad:
+            parse_options(None, None, None, resolve, priority, levels=3)
+        assert bad.value.http_status == 422
+
+
 def test_menu_by_published_miou_and_by_order():
     menu = build_menu([(R18, None), (R50, None), ("mine", "/w/mine.pth")])
     assert [str(m) for m in menu] == [f"{R50}:ms_flip", f"{R50}:none", f"{R18}:ms_flip", f"{R18}:none", "mine:none"]

@@ -11,8 +11,8 @@ from service.worker.scheduler import BatchScheduler, Job
 from service.worker.shm import SlotMaps, SlotPool
 
 
-def job(i, model="m", shape=(4, 4), arrival=0.0, deadline=None, incoming=0):
-    return Job(i, model, f"slot{i}", shape[0], shape[1], deadline, arrival, incoming=incoming)
+def job(i, model="m", shape=(4, 4), arrival=0.0, deadline=None, incoming=0, priority=1):
+    return Job(i, model, f"slot{i}", shape[0], shape[1], deadline, arrival, incoming=incoming, priority=priority)
 
 
 def test_full_batch_runs_at_once_and_is_capped():
@@ -48,6 +48,37 @@ def test_earliest_deadline_first():
     s.add(job(3, shape=(2, 2), arrival=0.6, deadline=1.0))
     order = [s.next_batch(now=0.7)[0][0].id for _ in range(3)]
     assert order == [3, 2, 1]
+
+
+def test_priority_comes_before_urgency():
+    """A priority-1 request runs before priority-2 requests that arrived earlier or whose deadline
+    is nearer; within a priority, earliest deadline first."""
+    s = BatchScheduler(max_batch=1, max_delay=0.0, default_budget=10.0)
+    s.add(job(1, arrival=0.0, deadline=1.0, priority=2))
+    s.add(job(2, shape=(8, 8), arrival=0.1, priority=2))  # urgency 10.1
+    s.add(job(3, shape=(2, 2), arrival=0.2, priority=1))  # urgency 10.2
+    s.add(job(4, shape=(6, 6), arrival=0.3, deadline=5.0, priority=1))
+    order = [s.next_batch(now=0.4)[0][0].id for _ in range(4)]
+    assert order == [4, 3, 1, 2]
+
+
+def test_lower_priorities_fill_the_room_left_in_a_batch():
+    s = BatchScheduler(max_batch=3, max_delay=0.0, default_budget=10.0)
+    for i in range(3):
+        s.add(job(i, arrival=0.1 * i, priority=2))
+    s.add(job(9, arrival=1.0, priority=1))
+    batch, _ = s.next_batch(now=1.0)
+    assert [j.id for j in batch] == [9, 0, 1]
+    assert [j.id for j in s.next_batch(now=1.0)[0]] == [2]
+
+
+def test_a_due_group_of_lower_priority_runs_while_a_higher_one_waits_to_fill():
+    """Priority orders what is due; it does not make the worker idle."""
+    s = BatchScheduler(max_batch=4, max_delay=1.0, default_budget=10.0)
+    s.add(job(1, shape=(4, 4), arrival=0.0, priority=2))
+    s.add(job(2, shape=(8, 8), arrival=0.9, priority=1))
+    batch, _ = s.next_batch(now=1.0)  # the first is due (waited max_delay), the second is not
+    assert [j.id for j in batch] == [1]
 
 
 def test_deadline_cuts_the_batching_delay():

@@ -373,6 +373,7 @@ class Dispatcher:
         tta: str = "none",
         cost: float = 0.0,
         encoded: int = 0,
+        priority: int = 1,
     ) -> asyncio.Future:
         """Send an admitted request in `slot` to a worker; the future resolves to a Result.
         `encoded` > 0: the slot holds that many bytes of a compressed image for the worker to decode."""
@@ -389,6 +390,7 @@ class Dispatcher:
             cost,
             encoded=encoded,
             incoming=self.decoding,
+            priority=priority,
         )
         future = asyncio.get_running_loop().create_future()
         link.pending[job.id] = Pending(job, slot, future, link)

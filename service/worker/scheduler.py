@@ -1,8 +1,10 @@
 """Batching policy of the worker: dynamic batches of same-model, same-shape requests.
 
 - Requests are grouped by (model, tta, height, width): only those can share a batch (and a graph).
-- Urgency is the request's deadline, or arrival + the frame budget when it has none; the group
-  holding the most urgent request that is due runs first (earliest deadline first).
+- Urgency is the request's deadline, or arrival + the frame budget when it has none. Among the
+  groups that are due, the one holding the request of the highest priority (1 first) runs first,
+  and among those the most urgent (earliest deadline first). A batch takes its group's requests in
+  the same order, so requests of a lower priority fill what room is left.
 - Three policies decide when a group is due:
   `wait`: when the group holds `max_batch` requests, when its oldest request has waited
   `max_delay`, or when its most urgent deadline would pass by waiting longer.
@@ -33,10 +35,16 @@ class Job:
     urgency: float = field(default=0.0, compare=False)
     encoded: int = 0  # > 0: the slot holds this many bytes of a compressed image (--decode worker)
     incoming: int = 0  # requests the front end was still decoding when it sent this one
+    priority: int = 1  # 1 runs first, then 2, ... (--priority-levels)
 
     @property
     def key(self) -> tuple[str, str, int, int]:
         return self.model, self.tta, self.height, self.width
+
+    @property
+    def rank(self) -> tuple[int, float]:
+        """What runs first: the highest priority, then the earliest urgency."""
+        return self.priority, self.urgency
 
 
 POLICIES = ("adaptive", "greedy", "wait")
@@ -82,22 +90,22 @@ class BatchScheduler:
 
     def next_batch(self, now: float) -> tuple[list[Job] | None, float | None]:
         """(batch to run now, None) or (None, seconds to wait; None = until a request arrives)."""
-        best_key, best_urgency, wake = None, None, None
+        best_key, best_rank, wake = None, None, None
         nothing_coming = self.policy == "adaptive" and self.incoming == 0
         for key, group in self._groups.items():
-            urgency = min(j.urgency for j in group)
+            rank = min(j.rank for j in group)
             due_at = min(j.arrival for j in group) + self.max_delay
             deadlines = [j.deadline for j in group if j.deadline is not None]
             if deadlines:  # only an explicit deadline cuts the wait short
                 due_at = min(due_at, min(deadlines) - self.max_delay)
             if len(group) >= self.max_batch or due_at <= now or nothing_coming:
-                if best_urgency is None or urgency < best_urgency:
-                    best_key, best_urgency = key, urgency
+                if best_rank is None or rank < best_rank:
+                    best_key, best_rank = key, rank
             else:
                 wake = due_at if wake is None else min(wake, due_at)
         if best_key is None:
             return None, None if wake is None else max(wake - now, 0.0)
-        group = sorted(self._groups[best_key], key=lambda j: j.urgency)
+        group = sorted(self._groups[best_key], key=lambda j: j.rank)
         batch = group[: self.max_batch]
         for job in batch:
             self.cancel(job.id)
