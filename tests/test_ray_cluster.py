@@ -307,6 +307,8 @@ def test_same_rest_api_and_errors(deployment):
     assert flipped.status_code == 200 and flipped.headers["x-tta"] == "flip"
     auto = segment(deployment.url, body, model="auto")
     assert auto.status_code == 422 and "single-host" in auto.json()["error"]["message"]
+    prioritised = segment(deployment.url, body, priority=2)  # Serve's batches have no priorities
+    assert prioritised.status_code == 422 and "single-host" in prioritised.json()["error"]["message"]
     v2 = httpx.post(
         f"{deployment.url}/v2/models/{MODEL}/infer",
         json={"inputs": [{"name": "RGB", "datatype": "UINT8", "shape": [1, 8, 8, 3], "data": [0] * 192}]},

@@ -279,7 +279,7 @@ class SegmentationServicer(ServicerBase, pb_grpc.SegmentationServicer):
         async with self.unary_call(context, "grpc") as call:
             self.authorize(context)
             check_decoded(request)
-            options = self.service.options(request.model, request.tta)
+            options = self.service.options(request.model, request.tta, priority=request.priority)
             call.model = options.model
             deadline_ms = effective_deadline_ms(request.deadline_ms, context.time_remaining())
             response = await self.serve(request, options, "grpc", deadline_ms)
@@ -327,7 +327,7 @@ class SegmentationServicer(ServicerBase, pb_grpc.SegmentationServicer):
             return  # the client closed without sending a frame
         except TimeoutError:
             raise StreamIdle(f"no frame for {idle:g} s") from None
-        options = self.service.options(first.model, first.tta)
+        options = self.service.options(first.model, first.tta, priority=first.priority)
         model = options.model
         policy, limit = first_message_options(first, policy, limit)
         if not self.service.ready:
@@ -375,8 +375,10 @@ class SegmentationServicer(ServicerBase, pb_grpc.SegmentationServicer):
         code = "INTERNAL"
         self.metrics.in_flight.inc()
         try:
-            if request.tta:  # a frame's own tta; otherwise the first message's
-                options = self.service.options(options.model, request.tta)
+            if request.tta or request.priority:  # a frame's own tta and priority; otherwise the first message's
+                options = self.service.options(
+                    options.model, request.tta or options.tta, priority=request.priority or options.priority
+                )
             response = await self.serve(request, options, "grpc_stream", request.deadline_ms or None, link, choice)
             model = response.model
             code = "OK"

@@ -147,6 +147,9 @@ def create_app(service: SegmentationService) -> FastAPI:
         format: Literal["png", "overlay", "json", "raw"] = Query("png", description="output format"),
         deadline_ms: int | None = Query(None, ge=1, le=3_600_000, description="answer 504 if not done by then"),
         tta: str | None = Query(None, description="test-time augmentation: none, flip, ms_flip or auto"),
+        priority: int | None = Query(
+            None, description="1 (the default) runs first, then 2, ... up to --priority-levels; 0: the default"
+        ),
         x_api_key: str | None = Header(None),
         authorization: str | None = Header(None),
     ):
@@ -155,7 +158,7 @@ def create_app(service: SegmentationService) -> FastAPI:
         metrics.in_flight.inc()
         try:
             service.check_api_key(api_key_from(x_api_key, authorization))
-            options = service.options(model, tta, deadline_ms)
+            options = service.options(model, tta, deadline_ms, priority)
             name = options.model
             data = await image_bytes(request, service.settings.max_image_bytes)
             served = await service.segment(options, "http", data=data)

@@ -24,6 +24,13 @@ def parse_deadline(value: Any) -> dict:
     return {"deadline_ms": value}
 
 
+def parse_priority(value: Any) -> dict:
+    """Triton's `priority` (1 runs first; 0: the default); the request path checks the range."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ServiceError("bad_request", f"parameter priority must be an integer, not {value!r}")
+    return {"priority": value}
+
+
 def parse_tta(value: Any) -> dict:
     """Test-time augmentation (none, flip, ms_flip, auto); the request path checks the name."""
     if not isinstance(value, str):
@@ -32,9 +39,13 @@ def parse_tta(value: Any) -> dict:
 
 
 # name -> parser(value) -> keyword arguments for the request
-PARAMETERS: dict[str, Callable[[Any], dict]] = {"deadline_ms": parse_deadline, "tta": parse_tta}
+PARAMETERS: dict[str, Callable[[Any], dict]] = {
+    "deadline_ms": parse_deadline,
+    "tta": parse_tta,
+    "priority": parse_priority,
+}
 # Sent by tritonclient / perf_analyzer (output format, scheduling hints the service does not use).
-IGNORED = {"binary_data_output", "priority", "timeout", "sequence_id", "sequence_start", "sequence_end", "headers"}
+IGNORED = {"binary_data_output", "timeout", "sequence_id", "sequence_start", "sequence_end", "headers"}
 IGNORED_PREFIX = "triton_"
 
 

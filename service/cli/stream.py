@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--frames", type=int, help="stop after this many frames")
     st.add_argument("--jpeg", type=int, metavar="QUALITY", help="send frames as JPEG (default: raw RGB)")
     st.add_argument("--deadline-ms", type=int, help="per-frame deadline")
+    st.add_argument(
+        "--priority", type=int, help="1 (the default) runs first; 2, ... let other traffic go first (background jobs)"
+    )
     args = st.parse_args(argv)
     try:
         return stream(args)
@@ -81,6 +84,7 @@ def stream(args) -> int:
                 policy=args.policy,
                 max_in_flight=args.max_in_flight,
                 deadline_ms=args.deadline_ms,
+                priority=args.priority,
             ):
                 stats.add(result)
                 for frame_id in result.dropped_ids:

@@ -134,10 +134,16 @@ class GrpcSegmentationClient:
         format: str = "png",
         deadline_ms: int | None = None,
         tta: str | None = None,
+        priority: int | None = None,
     ):
         """Like SegmentationClient.segment; `format` is png, raw, overlay or stats."""
         request = image_request(
-            image, model=model or "", format=FORMATS[format], deadline_ms=deadline_ms or 0, tta=tta or ""
+            image,
+            model=model or "",
+            format=FORMATS[format],
+            deadline_ms=deadline_ms or 0,
+            tta=tta or "",
+            priority=priority or 0,
         )
         try:
             response = self.stub.Segment(request, timeout=self.timeout, metadata=self.metadata)
@@ -170,6 +176,7 @@ class GrpcSegmentationClient:
         max_in_flight: int | None = None,
         deadline_ms: int | None = None,
         frame_ids: Iterable[int] | None = None,
+        priority: int | None = None,
     ) -> Iterator[StreamResult]:
         """Send `frames` (arrays, bytes or paths) on one StreamSegment call; yield results in frame order.
 
@@ -186,7 +193,12 @@ class GrpcSegmentationClient:
                 frame_id = next(ids) if ids is not None else n
                 fields = {"frame_id": frame_id, "format": FORMATS[format], "deadline_ms": deadline_ms or 0}
                 if first:
-                    fields.update(model=model or "", drop_policy=POLICIES[policy], max_in_flight=max_in_flight or 0)
+                    fields.update(
+                        model=model or "",
+                        drop_policy=POLICIES[policy],
+                        max_in_flight=max_in_flight or 0,
+                        priority=priority or 0,
+                    )
                     first = False
                 request = image_request(frame, **fields)
                 with lock:

@@ -100,14 +100,17 @@ class SegmentationClient:
         format: str = "png",
         deadline_ms: int | None = None,
         tta: str | None = None,
+        priority: int | None = None,
     ) -> SegmentResult:
-        """`model` may be 'auto' and `tta` none, flip, ms_flip or 'auto'; the result says what ran."""
+        """`model` may be 'auto' and `tta` none, flip, ms_flip or 'auto'; the result says what ran.
+        `priority`: 1 (the default) runs first, then 2, ... up to the service's --priority-levels."""
         body, content_type = encode_image(image)
         params = {
             "format": format,
             **({"model": model} if model else {}),
             **({"tta": tta} if tta else {}),
             **({"deadline_ms": deadline_ms} if deadline_ms else {}),
+            **({"priority": priority} if priority else {}),
         }
         response = self.http.post("/segment", content=body, params=params, headers={"Content-Type": content_type})
         if response.status_code != 200:

@@ -24,35 +24,35 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12segmentation.proto\x12\nbisenet.v1\"6\n\x08RawFrame\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0b\n\x03rgb\x18\x03 \x01(\x0c\"\x82\x02\n\x0eSegmentRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\x07\x65ncoded\x18\x02 \x01(\x0cH\x00\x12#\n\x03raw\x18\x03 \x01(\x0b\x32\x14.bisenet.v1.RawFrameH\x00\x12\x10\n\x08\x66rame_id\x18\x04 \x01(\x04\x12(\n\x06\x66ormat\x18\x05 \x01(\x0e\x32\x18.bisenet.v1.OutputFormat\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x06 \x01(\r\x12+\n\x0b\x64rop_policy\x18\x07 \x01(\x0e\x32\x16.bisenet.v1.DropPolicy\x12\x15\n\rmax_in_flight\x18\x08 \x01(\r\x12\x0b\n\x03tta\x18\t \x01(\tB\x07\n\x05image\"i\n\x07Timings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x01\x12\x11\n\tencode_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\"S\n\nFrameError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\x05\x12\x16\n\x0eretry_after_ms\x18\x04 \x01(\r\"\xc2\x02\n\x0fSegmentResponse\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\r\n\x05width\x18\x04 \x01(\r\x12(\n\x06\x66ormat\x18\x05 \x01(\x0e\x32\x18.bisenet.v1.OutputFormat\x12\x0e\n\x06labels\x18\x06 \x01(\x0c\x12\x14\n\x0c\x63lass_pixels\x18\x07 \x03(\x04\x12$\n\x07timings\x18\x08 \x01(\x0b\x32\x13.bisenet.v1.Timings\x12\x12\n\nbatch_size\x18\t \x01(\r\x12\x16\n\x0e\x66rames_dropped\x18\n \x01(\r\x12\x19\n\x11\x64ropped_frame_ids\x18\x0b \x03(\x04\x12%\n\x05\x65rror\x18\x0c \x01(\x0b\x32\x16.bisenet.v1.FrameError\x12\x0b\n\x03tta\x18\r \x01(\t\"\x13\n\x11ListModelsRequest\")\n\x06\x43olour\x12\t\n\x01r\x18\x01 \x01(\r\x12\t\n\x01g\x18\x02 \x01(\r\x12\t\n\x01\x62\x18\x03 \x01(\r\"\xb9\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x61rch\x18\x02 \x01(\t\x12\x0f\n\x07weights\x18\x03 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x04 \x03(\t\x12#\n\x07palette\x18\x05 \x03(\x0b\x32\x12.bisenet.v1.Colour\x12\r\n\x05ready\x18\x06 \x01(\x08\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x13\n\x0b\x63uda_graphs\x18\x08 \x01(\x08\x12\x16\n\x0epublished_miou\x18\t \x01(\x02\"e\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.bisenet.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t\x12\x11\n\tauto_menu\x18\x03 \x03(\t*P\n\x0cOutputFormat\x12\x0e\n\nLABELS_PNG\x10\x00\x12\x0e\n\nLABELS_RAW\x10\x01\x12\x10\n\x0cOVERLAY_JPEG\x10\x02\x12\x0e\n\nSTATS_ONLY\x10\x03*X\n\nDropPolicy\x12\x1b\n\x17\x44ROP_POLICY_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44ROP_POLICY_LATEST\x10\x01\x12\x15\n\x11\x44ROP_POLICY_BLOCK\x10\x02\x32\xed\x01\n\x0cSegmentation\x12\x42\n\x07Segment\x12\x1a.bisenet.v1.SegmentRequest\x1a\x1b.bisenet.v1.SegmentResponse\x12L\n\rStreamSegment\x12\x1a.bisenet.v1.SegmentRequest\x1a\x1b.bisenet.v1.SegmentResponse(\x01\x30\x01\x12K\n\nListModels\x12\x1d.bisenet.v1.ListModelsRequest\x1a\x1e.bisenet.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12segmentation.proto\x12\nbisenet.v1\"6\n\x08RawFrame\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0b\n\x03rgb\x18\x03 \x01(\x0c\"\x94\x02\n\x0eSegmentRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\x07\x65ncoded\x18\x02 \x01(\x0cH\x00\x12#\n\x03raw\x18\x03 \x01(\x0b\x32\x14.bisenet.v1.RawFrameH\x00\x12\x10\n\x08\x66rame_id\x18\x04 \x01(\x04\x12(\n\x06\x66ormat\x18\x05 \x01(\x0e\x32\x18.bisenet.v1.OutputFormat\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x06 \x01(\r\x12+\n\x0b\x64rop_policy\x18\x07 \x01(\x0e\x32\x16.bisenet.v1.DropPolicy\x12\x15\n\rmax_in_flight\x18\x08 \x01(\r\x12\x0b\n\x03tta\x18\t \x01(\t\x12\x10\n\x08priority\x18\n \x01(\rB\x07\n\x05image\"i\n\x07Timings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x01\x12\x11\n\tencode_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\"S\n\nFrameError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\x05\x12\x16\n\x0eretry_after_ms\x18\x04 \x01(\r\"\xc2\x02\n\x0fSegmentResponse\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\r\n\x05width\x18\x04 \x01(\r\x12(\n\x06\x66ormat\x18\x05 \x01(\x0e\x32\x18.bisenet.v1.OutputFormat\x12\x0e\n\x06labels\x18\x06 \x01(\x0c\x12\x14\n\x0c\x63lass_pixels\x18\x07 \x03(\x04\x12$\n\x07timings\x18\x08 \x01(\x0b\x32\x13.bisenet.v1.Timings\x12\x12\n\nbatch_size\x18\t \x01(\r\x12\x16\n\x0e\x66rames_dropped\x18\n \x01(\r\x12\x19\n\x11\x64ropped_frame_ids\x18\x0b \x03(\x04\x12%\n\x05\x65rror\x18\x0c \x01(\x0b\x32\x16.bisenet.v1.FrameError\x12\x0b\n\x03tta\x18\r \x01(\t\"\x13\n\x11ListModelsRequest\")\n\x06\x43olour\x12\t\n\x01r\x18\x01 \x01(\r\x12\t\n\x01g\x18\x02 \x01(\r\x12\t\n\x01\x62\x18\x03 \x01(\r\"\xb9\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x61rch\x18\x02 \x01(\t\x12\x0f\n\x07weights\x18\x03 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x04 \x03(\t\x12#\n\x07palette\x18\x05 \x03(\x0b\x32\x12.bisenet.v1.Colour\x12\r\n\x05ready\x18\x06 \x01(\x08\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x13\n\x0b\x63uda_graphs\x18\x08 \x01(\x08\x12\x16\n\x0epublished_miou\x18\t \x01(\x02\"e\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.bisenet.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t\x12\x11\n\tauto_menu\x18\x03 \x03(\t*P\n\x0cOutputFormat\x12\x0e\n\nLABELS_PNG\x10\x00\x12\x0e\n\nLABELS_RAW\x10\x01\x12\x10\n\x0cOVERLAY_JPEG\x10\x02\x12\x0e\n\nSTATS_ONLY\x10\x03*X\n\nDropPolicy\x12\x1b\n\x17\x44ROP_POLICY_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44ROP_POLICY_LATEST\x10\x01\x12\x15\n\x11\x44ROP_POLICY_BLOCK\x10\x02\x32\xed\x01\n\x0cSegmentation\x12\x42\n\x07Segment\x12\x1a.bisenet.v1.SegmentRequest\x1a\x1b.bisenet.v1.SegmentResponse\x12L\n\rStreamSegment\x12\x1a.bisenet.v1.SegmentRequest\x1a\x1b.bisenet.v1.SegmentResponse(\x01\x30\x01\x12K\n\nListModels\x12\x1d.bisenet.v1.ListModelsRequest\x1a\x1e.bisenet.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'segmentation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTPUTFORMAT']._serialized_start=1223
-  _globals['_OUTPUTFORMAT']._serialized_end=1303
-  _globals['_DROPPOLICY']._serialized_start=1305
-  _globals['_DROPPOLICY']._serialized_end=1393
+  _globals['_OUTPUTFORMAT']._serialized_start=1241
+  _globals['_OUTPUTFORMAT']._serialized_end=1321
+  _globals['_DROPPOLICY']._serialized_start=1323
+  _globals['_DROPPOLICY']._serialized_end=1411
   _globals['_RAWFRAME']._serialized_start=34
   _globals['_RAWFRAME']._serialized_end=88
   _globals['_SEGMENTREQUEST']._serialized_start=91
-  _globals['_SEGMENTREQUEST']._serialized_end=349
-  _globals['_TIMINGS']._serialized_start=351
-  _globals['_TIMINGS']._serialized_end=456
-  _globals['_FRAMEERROR']._serialized_start=458
-  _globals['_FRAMEERROR']._serialized_end=541
-  _globals['_SEGMENTRESPONSE']._serialized_start=544
-  _globals['_SEGMENTRESPONSE']._serialized_end=866
-  _globals['_LISTMODELSREQUEST']._serialized_start=868
-  _globals['_LISTMODELSREQUEST']._serialized_end=887
-  _globals['_COLOUR']._serialized_start=889
-  _globals['_COLOUR']._serialized_end=930
-  _globals['_MODELINFO']._serialized_start=933
-  _globals['_MODELINFO']._serialized_end=1118
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1120
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1221
-  _globals['_SEGMENTATION']._serialized_start=1396
-  _globals['_SEGMENTATION']._serialized_end=1633
+  _globals['_SEGMENTREQUEST']._serialized_end=367
+  _globals['_TIMINGS']._serialized_start=369
+  _globals['_TIMINGS']._serialized_end=474
+  _globals['_FRAMEERROR']._serialized_start=476
+  _globals['_FRAMEERROR']._serialized_end=559
+  _globals['_SEGMENTRESPONSE']._serialized_start=562
+  _globals['_SEGMENTRESPONSE']._serialized_end=884
+  _globals['_LISTMODELSREQUEST']._serialized_start=886
+  _globals['_LISTMODELSREQUEST']._serialized_end=905
+  _globals['_COLOUR']._serialized_start=907
+  _globals['_COLOUR']._serialized_end=948
+  _globals['_MODELINFO']._serialized_start=951
+  _globals['_MODELINFO']._serialized_end=1136
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1138
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1239
+  _globals['_SEGMENTATION']._serialized_start=1414
+  _globals['_SEGMENTATION']._serialized_end=1651
 # @@protoc_insertion_point(module_scope)

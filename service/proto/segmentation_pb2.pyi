@@ -38,7 +38,7 @@ class RawFrame(_message.Message):
     def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., rgb: _Optional[bytes] = ...) -> None: ...
 
 class SegmentRequest(_message.Message):
-    __slots__ = ("model", "encoded", "raw", "frame_id", "format", "deadline_ms", "drop_policy", "max_in_flight", "tta")
+    __slots__ = ("model", "encoded", "raw", "frame_id", "format", "deadline_ms", "drop_policy", "max_in_flight", "tta", "priority")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ENCODED_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,7 @@ class SegmentRequest(_message.Message):
     DROP_POLICY_FIELD_NUMBER: _ClassVar[int]
     MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     TTA_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     model: str
     encoded: bytes
     raw: RawFrame
@@ -57,7 +58,8 @@ class SegmentRequest(_message.Message):
     drop_policy: DropPolicy
     max_in_flight: int
     tta: str
-    def __init__(self, model: _Optional[str] = ..., encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawFrame, _Mapping]] = ..., frame_id: _Optional[int] = ..., format: _Optional[_Union[OutputFormat, str]] = ..., deadline_ms: _Optional[int] = ..., drop_policy: _Optional[_Union[DropPolicy, str]] = ..., max_in_flight: _Optional[int] = ..., tta: _Optional[str] = ...) -> None: ...
+    priority: int
+    def __init__(self, model: _Optional[str] = ..., encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawFrame, _Mapping]] = ..., frame_id: _Optional[int] = ..., format: _Optional[_Union[OutputFormat, str]] = ..., deadline_ms: _Optional[int] = ..., drop_policy: _Optional[_Union[DropPolicy, str]] = ..., max_in_flight: _Optional[int] = ..., tta: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("decode_ms", "queue_ms", "inference_ms", "encode_ms", "total_ms")

@@ -21,7 +21,7 @@ from ray.serve.exceptions import BackPressureError
 
 from ..api import imaging
 from ..api.auth import key_matches
-from ..choice import AUTO, RequestOptions, as_options, parse_options
+from ..choice import AUTO, DEFAULT_PRIORITY, RequestOptions, as_options, parse_options
 from ..config import ALIASES, Settings
 from ..core import DEFAULT_TIMEOUT, Served
 from ..errors import CODES, ServiceError
@@ -107,12 +107,17 @@ class RayBackedService:
             raise ServiceError("not_found", f"unknown model {name!r}; served: {', '.join(self.handles)}")
         return name
 
-    def options(self, model: str | None, tta: str | None = None, deadline_ms=None) -> RequestOptions:
-        """The request's (model, tta, deadline_ms), checked as on one host. `auto` needs the worker's
-        latency estimates, which replicas behind Serve's router do not share: refused here."""
-        options = parse_options(model, tta, deadline_ms, self.resolve_model)
+    def options(self, model: str | None, tta: str | None = None, deadline_ms=None, priority=None) -> RequestOptions:
+        """The request's (model, tta, deadline_ms, priority), checked as on one host. `auto` needs the
+        worker's latency estimates, which replicas behind Serve's router do not share, and Serve's
+        batches have no priorities: both refused here."""
+        options = parse_options(model, tta, deadline_ms, self.resolve_model, priority, self.settings.priority_levels)
         if AUTO in (options.model, options.tta):
             raise ServiceError("bad_request", "model=auto and tta=auto need the single-host service; name them on Ray")
+        if options.priority != DEFAULT_PRIORITY:
+            raise ServiceError(
+                "bad_request", "priorities need the single-host service; Ray Serve runs requests in order"
+            )
         return options
 
     def auto_info(self) -> dict:
@@ -188,10 +193,10 @@ class RayBackedService:
         self.in_flight[model] += 1
 
     async def segment_batch(
-        self, model: str, protocol: str, items: list[dict], *, deadline_ms=None, tta=None, link=None
+        self, model: str, protocol: str, items: list[dict], *, deadline_ms=None, tta=None, priority=None, link=None
     ) -> list[Served]:
         """The v2 endpoints' batches: each item through `segment`, results in order."""
-        options = self.options(model, tta, deadline_ms)
+        options = self.options(model, tta, deadline_ms, priority)
         return list(await asyncio.gather(*(self.segment(options, protocol, **item) for item in items)))
 
     async def _call(self, model: str, ref: ray.ObjectRef, remaining: float | None, tta: str) -> dict:
