@@ -12,6 +12,7 @@ from model.graph_policy import validate_buckets
 from model.zoo import ARCHS, ZOO
 
 from .worker.scheduler import POLICIES as BATCHING_POLICIES
+from .worker.scheduler import PRIORITY_BATCHES
 
 ALIASES = {"fast": "bisenetv1_r18", "accurate": "bisenetv1_r50"}
 
@@ -48,6 +49,7 @@ class Settings:
     target_fps: float = 30.0
     max_queue: int = 64
     priority_levels: int = 2  # requests say priority 1 (the default, first) .. this
+    priority_batches: str = "separate"  # separate | shared (worker/scheduler.py)
     max_image_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 4096 * 4096
     shm_bytes: int = 1 << 30
@@ -205,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
         "[BISENET_PRIORITY_LEVELS]",
     )
     p.add_argument(
+        "--priority-batches",
+        default=_env("PRIORITY_BATCHES", d.priority_batches),
+        help="separate: a batch holds one priority, so high-priority requests never compute beside lower "
+        "ones; shared: lower priorities fill the room left in a batch (as Triton) [BISENET_PRIORITY_BATCHES]",
+    )
+    p.add_argument(
         "--max-image-bytes",
         default=_env("MAX_IMAGE_BYTES", d.max_image_bytes),
         help="largest upload, bytes [BISENET_MAX_IMAGE_BYTES]",
@@ -342,6 +350,8 @@ def load_settings(argv: list[str] | None = None) -> Settings:
         raise ConfigError(f"bad --log-format {args.log_format!r}: use text or json")
     if args.batching not in BATCHING_POLICIES:
         raise ConfigError(f"bad --batching {args.batching!r}: use {', '.join(BATCHING_POLICIES)}")
+    if args.priority_batches not in PRIORITY_BATCHES:
+        raise ConfigError(f"bad --priority-batches {args.priority_batches!r}: use {', '.join(PRIORITY_BATCHES)}")
     if args.decode not in ("auto", "frontend", "worker"):
         raise ConfigError(f"bad --decode {args.decode!r}: use auto, frontend or worker")
     if bool(args.tls_cert) != bool(args.tls_key):
@@ -366,6 +376,7 @@ def load_settings(argv: list[str] | None = None) -> Settings:
         target_fps=_number(args.target_fps, "target-fps", float, minimum=0.1),
         max_queue=_number(args.max_queue, "max-queue", minimum=1),
         priority_levels=_number(args.priority_levels, "priority-levels", minimum=1),
+        priority_batches=args.priority_batches,
         max_image_bytes=_number(args.max_image_bytes, "max-image-bytes", minimum=1),
         max_pixels=_number(args.max_pixels, "max-pixels", minimum=1),
         shm_bytes=_number(args.shm_bytes, "shm-bytes", minimum=1 << 20),

@@ -62,14 +62,25 @@ def test_priority_comes_before_urgency():
     assert order == [4, 3, 1, 2]
 
 
-def test_lower_priorities_fill_the_room_left_in_a_batch():
-    s = BatchScheduler(max_batch=3, max_delay=0.0, default_budget=10.0)
+def test_shared_priority_batches_let_lower_priorities_fill_the_room_left():
+    s = BatchScheduler(max_batch=3, max_delay=0.0, default_budget=10.0, priority_batches="shared")
     for i in range(3):
         s.add(job(i, arrival=0.1 * i, priority=2))
     s.add(job(9, arrival=1.0, priority=1))
     batch, _ = s.next_batch(now=1.0)
     assert [j.id for j in batch] == [9, 0, 1]
     assert [j.id for j in s.next_batch(now=1.0)[0]] == [2]
+
+
+def test_separate_priority_batches_never_mix_priorities():
+    s = BatchScheduler(max_batch=3, max_delay=0.0, default_budget=10.0, priority_batches="separate")
+    for i in range(3):
+        s.add(job(i, arrival=0.1 * i, priority=2))
+    s.add(job(9, arrival=1.0, priority=1))
+    assert [j.id for j in s.next_batch(now=1.0)[0]] == [9]  # alone: the priority-2 requests wait
+    assert [j.id for j in s.next_batch(now=1.0)[0]] == [0, 1, 2]
+    with pytest.raises(ValueError, match="separate, shared"):
+        BatchScheduler(max_batch=3, max_delay=0.0, default_budget=1.0, priority_batches="mixed")
 
 
 def test_a_due_group_of_lower_priority_runs_while_a_higher_one_waits_to_fill():

@@ -274,6 +274,7 @@ class Dispatcher:
                 lazy_capture_shapes=s.lazy_capture_shapes,
                 lazy_capture_pixels=s.lazy_capture_pixels,
                 batching=s.batching,
+                priority_batches=s.priority_batches,
                 max_pixels=s.max_pixels,
                 cpu_threads=s.cpu_threads,
             )

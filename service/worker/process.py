@@ -58,6 +58,7 @@ class WorkerConfig:
     lazy_capture_shapes: int = 4
     lazy_capture_pixels: int = 1024 * 2048
     batching: str = "wait"  # scheduler policy: wait | adaptive | greedy
+    priority_batches: str = "separate"  # may requests of different priorities share a batch (scheduler.py)
     max_pixels: int = 4096 * 4096  # for images decoded here (--decode worker)
     cpu_threads: int = 0  # 0: torch's default
 
@@ -143,7 +144,9 @@ class Worker:
         self.config = config
         self.send_lock = threading.Lock()
         self.cond = threading.Condition()
-        self.scheduler = BatchScheduler(config.max_batch, config.max_delay, config.budget, config.batching)
+        self.scheduler = BatchScheduler(
+            config.max_batch, config.max_delay, config.budget, config.batching, config.priority_batches
+        )
         self.decoder = FrameDecoder(config.device, config.max_pixels)
         self.maps = PinnedSlotMaps(pin=config.device.startswith("cuda"))
         self.running: deque[_Running] = deque()

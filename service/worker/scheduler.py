@@ -3,8 +3,10 @@
 - Requests are grouped by (model, tta, height, width): only those can share a batch (and a graph).
 - Urgency is the request's deadline, or arrival + the frame budget when it has none. Among the
   groups that are due, the one holding the request of the highest priority (1 first) runs first,
-  and among those the most urgent (earliest deadline first). A batch takes its group's requests in
-  the same order, so requests of a lower priority fill what room is left.
+  and among those the most urgent (earliest deadline first). With `separate` (the default) the
+  priority is part of the group: requests of different priorities never share a batch, so a
+  high-priority request never computes beside lower ones. With `shared` (Triton's way) a batch
+  takes its group's requests in priority order, and lower priorities fill what room is left.
 - Three policies decide when a group is due:
   `wait`: when the group holds `max_batch` requests, when its oldest request has waited
   `max_delay`, or when its most urgent deadline would pass by waiting longer.
@@ -48,19 +50,30 @@ class Job:
 
 
 POLICIES = ("adaptive", "greedy", "wait")
+PRIORITY_BATCHES = ("separate", "shared")
 
 
 class BatchScheduler:
-    def __init__(self, max_batch: int, max_delay: float, default_budget: float, policy: str = "wait"):
+    def __init__(
+        self,
+        max_batch: int,
+        max_delay: float,
+        default_budget: float,
+        policy: str = "wait",
+        priority_batches: str = "separate",
+    ):
         if policy not in POLICIES:
             raise ValueError(f"unknown batching policy {policy!r}; use one of {', '.join(POLICIES)}")
+        if priority_batches not in PRIORITY_BATCHES:
+            raise ValueError(f"priority batches must be one of {', '.join(PRIORITY_BATCHES)}, not {priority_batches!r}")
+        self.separate = priority_batches == "separate"
         self.max_batch = max_batch
         self.max_delay = 0.0 if policy == "greedy" else max_delay
         self.policy = policy
         self.default_budget = default_budget
         self.incoming = 0  # what the latest job said is on its way
-        self._groups: dict[tuple[str, str, int, int], list[Job]] = {}
-        self._where: dict[int, tuple[str, str, int, int]] = {}
+        self._groups: dict[tuple, list[Job]] = {}
+        self._where: dict[int, tuple] = {}
 
     def __len__(self) -> int:
         return len(self._where)
@@ -68,8 +81,9 @@ class BatchScheduler:
     def add(self, job: Job) -> None:
         job.urgency = job.deadline if job.deadline is not None else job.arrival + self.default_budget
         self.incoming = job.incoming
-        self._groups.setdefault(job.key, []).append(job)
-        self._where[job.id] = job.key
+        key = (*job.key, job.priority) if self.separate else job.key
+        self._groups.setdefault(key, []).append(job)
+        self._where[job.id] = key
 
     def cancel(self, job_id: int) -> Job | None:
         key = self._where.pop(job_id, None)
