@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "bench": (
         "service.cli",
         "bench_main",
-        "benchmarks: `bench model` (engine), `bench service` (load), `bench menu` (tta), `bench peers`, `bench decode`",
+        "benchmarks: `bench model` (engine), `bench service` (load), `bench menu` (tta), `bench peers`, `bench decode`, `bench priority`",
     ),
 }
 
@@ -35,6 +35,7 @@ BENCHES: dict[str, tuple[str, str, str]] = {
     "menu": ("model.bench_menu", "main", "latency per model and tta mode beside the published mIoU (model=auto)"),
     "peers": ("service.bench.peers", "main", "the same engine under Triton (PyTriton), Ray Serve and this service"),
     "decode": ("service.bench.decode", "main", "worker-side (nvJPEG) against front-end decoding: labels, time"),
+    "priority": ("service.bench.priority", "main", "live frames' latency under a background flood, with priorities"),
 }
 
 
