@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import grpc
 import httpx
+import numpy as np
+from PIL import Image
 
 from service.bench.processes import free_port, service_command, wait_http_ready
 from service.proto import segmentation_pb2_grpc as pb_grpc
@@ -71,6 +74,13 @@ class Service:
         if self.log:
             self.log.close()
         return self.proc.returncode
+
+
+def png(array: np.ndarray) -> bytes:
+    """An RGB array as PNG bytes (lossless: the service decodes exactly these pixels)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def metric_value(text: str, name: str, **labels) -> float:

@@ -3,14 +3,11 @@ end is still decoding requests that could join it."""
 
 from __future__ import annotations
 
-import io
-
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
-from tests.servicekit import FAST_ARGS, Service, metric_value, server_timing
+from tests.servicekit import FAST_ARGS, Service, metric_value, png, server_timing
 
 httpclient = pytest.importorskip("tritonclient.http")
 
@@ -28,12 +25,6 @@ def service(r18_checkpoint):
         yield svc.wait_ready()
     finally:
         svc.stop()
-
-
-def png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def test_a_lone_request_does_not_wait_for_company(service, photo):

@@ -22,7 +22,7 @@ from PIL import Image
 from service.client import GrpcSegmentationClient, SegmentationError
 from service.proto import segmentation_pb2 as pb
 from service.proto import segmentation_pb2_grpc as pb_grpc
-from tests.servicekit import BISENET, FAST_ARGS, ROOT, Service, make_certificate, metric_value, wait_for_metrics
+from tests.servicekit import BISENET, FAST_ARGS, ROOT, Service, make_certificate, metric_value, png, wait_for_metrics
 
 KEY = "grpc-key"
 AUTH = (("x-api-key", KEY),)
@@ -82,12 +82,6 @@ def frames(photo) -> list[np.ndarray]:
 def references(stub, frames) -> list[np.ndarray]:
     """Unary gRPC labels for each frame: what every streamed copy must equal."""
     return [labels_of(stub.Segment(raw_request(f, format=pb.LABELS_RAW), metadata=AUTH, timeout=60)) for f in frames]
-
-
-def png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def raw_request(frame: np.ndarray, **fields) -> pb.SegmentRequest:

@@ -4,19 +4,17 @@ priority 2 queued ahead of it, on every front door; priorities outside --priorit
 from __future__ import annotations
 
 import asyncio
-import io
 
 import grpc
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
 from service.client.grpc import GrpcSegmentationClient
 from service.client.results import SegmentationError
 from service.proto import segmentation_pb2 as pb
 from service.proto import segmentation_pb2_grpc as pb_grpc
-from tests.servicekit import FAST_ARGS, Service
+from tests.servicekit import FAST_ARGS, Service, png
 
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -35,12 +33,6 @@ def service(r18_checkpoint):
         yield svc.wait_ready()
     finally:
         svc.stop()
-
-
-def png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 async def post(client: httpx.AsyncClient, body: bytes, **params) -> httpx.Response:

@@ -7,7 +7,6 @@ ray is not installed, unless BISENET_REQUIRE_RAY=1. Teardown stops only this clu
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import secrets
@@ -24,11 +23,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 from skimage import data as photos
 
 from service.bench.processes import free_port
-from tests.servicekit import FAST_ARGS, ROOT, Service, held, metric_value, wait_for
+from tests.servicekit import FAST_ARGS, ROOT, Service, held, metric_value, png, wait_for
 
 try:
     import ray  # noqa: F401
@@ -211,12 +209,6 @@ def _status(url: str) -> int:
         return httpx.get(url, timeout=5).status_code
     except httpx.HTTPError:
         return 0
-
-
-def png(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def segment(url: str, body: bytes, **params) -> httpx.Response:

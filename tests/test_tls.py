@@ -4,7 +4,6 @@ HTTP, and a missing certificate file at start. Certificates are made here with t
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import subprocess
@@ -17,7 +16,7 @@ import pytest
 from PIL import Image
 
 from service.client import GrpcSegmentationClient, SegmentationError
-from tests.servicekit import BISENET, FAST_ARGS, ROOT, Service, free_port, make_certificate, service_command
+from tests.servicekit import BISENET, FAST_ARGS, ROOT, Service, free_port, make_certificate, png, service_command
 
 pytestmark = pytest.mark.skipif(not shutil.which("openssl"), reason="needs the openssl command")
 H, W = 64, 128
@@ -47,12 +46,6 @@ def root(certificate) -> bytes:
 def frames(photo) -> list[np.ndarray]:
     crops = [photo[:256, :512], photo[256:, :], photo[100:356, 50:]]
     return [np.asarray(Image.fromarray(np.ascontiguousarray(c)).resize((W, H))) for c in crops]
-
-
-def png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def rest_labels(service, frame: np.ndarray) -> np.ndarray:

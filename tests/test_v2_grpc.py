@@ -6,7 +6,6 @@ every kind of bad input."""
 from __future__ import annotations
 
 import contextlib
-import io
 import queue
 import threading
 
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.servicekit import FAST_ARGS, Service, metric_value
+from tests.servicekit import FAST_ARGS, Service, metric_value, png
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
@@ -85,12 +84,6 @@ def images(photo) -> list[np.ndarray]:
     crops = [photo[:256, :384], photo[200:, 100:], photo[::-1, :300]]
     sizes = [(96, 64), (80, 72), (64, 48)]
     return [np.asarray(Image.fromarray(np.ascontiguousarray(c)).resize(s)) for c, s in zip(crops, sizes)]
-
-
-def png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def segment_labels(service, image: np.ndarray) -> np.ndarray:

@@ -5,7 +5,6 @@ and RGB, JSON and binary tensors, batches, async, and every kind of bad input.""
 from __future__ import annotations
 
 import base64
-import io
 import json
 
 import httpx
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.servicekit import FAST_ARGS, Service, metric_value
+from tests.servicekit import FAST_ARGS, Service, metric_value, png
 
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -76,12 +75,6 @@ def images(photo) -> list[np.ndarray]:
     crops = [photo[:256, :384], photo[200:, 100:], photo[::-1, :300]]
     sizes = [(96, 64), (80, 72), (64, 48)]
     return [np.asarray(Image.fromarray(np.ascontiguousarray(c)).resize(s)) for c, s in zip(crops, sizes)]
-
-
-def png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def segment_labels(http, image: np.ndarray, tta: str = "none") -> np.ndarray:
