@@ -6,6 +6,7 @@ pick deadlines: generous, one that R18 meets and R50 does not, and one that noth
 
 from __future__ import annotations
 
+import io
 import queue
 
 import grpc
@@ -66,6 +67,12 @@ def frame(photo) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
+def png(frame) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def predicted_ms(http, model: str, tta: str = "none") -> float:
     """The service's current estimate for one HxW frame of `model` in `tta`."""
     for info in http.get("/models").json()["models"]:

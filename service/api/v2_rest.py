@@ -1,6 +1,7 @@
 """KServe v2 (Open Inference Protocol) over HTTP, Triton-compatible: server and model metadata,
 readiness, Triton's model-configuration and statistics extensions, and infer with JSON tensors or
-Triton's binary tensor extension. The health routes (/v2/health/live|ready) live in rest.py with /healthz and /readyz.
+Triton's binary tensor extension. The health routes (/v2/health/live|ready) live in rest.py with
+/healthz and /readyz.
 
 Errors use the v2 body {"error": "message"} (a string, as tritonclient expects) with the API's
 usual HTTP statuses and Retry-After.
