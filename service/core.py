@@ -16,6 +16,7 @@ from model.predictor import resolve_weights
 
 from .api import imaging
 from .api.auth import key_matches
+from .api.v2_shm import SharedMemoryRegions
 from .choice import (
     Chooser,
     Mode,
@@ -109,6 +110,7 @@ class SegmentationService:
         on_cuda = all(d.startswith("cuda") for d in self.dispatcher.devices)
         self.decode_in_worker = settings.decode == "worker" or (settings.decode == "auto" and on_cuda)
         self.started = time.time()
+        self.shared_memory = SharedMemoryRegions()  # clients' regions (Triton's system shared memory)
         menu = build_menu([(m.name, m.weights) for m in settings.models], settings.auto_order)
         self.chooser = Chooser(menu, self._predict, settings.auto_upgrade_frames, self._probe)
 
@@ -326,4 +328,5 @@ class SegmentationService:
         self.metrics.ready.set(0)
         await self.dispatcher.drain(self.settings.drain_seconds)
         await self.dispatcher.stop()
+        self.shared_memory.close()
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import json
+import os
 import subprocess
 import threading
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -350,6 +353,11 @@ KEYED_ENDPOINTS = {
     ("GET", "/v2/models/{model}/config"),
     ("GET", "/v2/models/{model}/versions/{version}/config"),
     ("GET", "/v2/models/stats"),
+    ("GET", "/v2/systemsharedmemory/status"),
+    ("GET", "/v2/systemsharedmemory/region/{name}/status"),
+    ("POST", "/v2/systemsharedmemory/region/{name}/register"),
+    ("POST", "/v2/systemsharedmemory/region/{name}/unregister"),
+    ("POST", "/v2/systemsharedmemory/unregister"),
     ("GET", "/v2/models/{model}/stats"),
     ("GET", "/v2/models/{model}/versions/{version}/stats"),
     ("POST", "/v2/models/{model}/infer"),
@@ -372,17 +380,31 @@ def app_endpoints() -> set[tuple[str, str]]:
         svc.pool.shutdown()
 
 
-def test_api_key_on_every_endpoint(service, photo_small):
+def test_api_key_on_every_endpoint(service, photo_small, request):
     # Every route is one of the two lists: a new endpoint must be classified (and is then checked).
     assert app_endpoints() == OPEN_ENDPOINTS | KEYED_ENDPOINTS
     body = encode(photo_small)
+    # A shared-memory region "probe" for the region routes; each accepted registration takes a new name.
+    shm_key = f"bisenet-keyed-{os.getpid()}"
+    Path("/dev/shm", shm_key).write_bytes(bytes(64))
+    request.addfinalizer(lambda: Path("/dev/shm", shm_key).unlink(missing_ok=True))
+    region = {"key": f"/{shm_key}", "byte_size": 64}
+    registered = httpx.post(
+        f"{service.url}/v2/systemsharedmemory/region/probe/register", json=region, headers={"X-API-Key": KEY}
+    )
+    assert registered.status_code == 200, registered.text
+    names = (f"r{i}" for i in itertools.count())
 
     v2_body = json.dumps(
         {"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1, 1], "data": [base64.b64encode(body).decode()]}]}
     )
 
     def call(method: str, path: str, headers: dict) -> httpx.Response:
-        path = path.format(model="bisenetv1_r18", version="1")
+        path = path.format(
+            model="bisenetv1_r18", version="1", name=next(names) if path.endswith("/register") else "probe"
+        )
+        if path.endswith("/register"):
+            return httpx.post(service.url + path, json=region, headers=headers, timeout=60)
         if path.endswith("/infer"):
             return httpx.post(service.url + path, content=v2_body, headers=headers, timeout=120)
         if method == "POST":

@@ -307,6 +307,14 @@ def test_same_rest_api_and_errors(deployment):
         timeout=60,
     )
     assert v2.status_code == 200 and v2.json()["outputs"][0]["shape"] == [1, 8, 8], v2.text
+    in_shm = {"shared_memory_region": "r", "shared_memory_byte_size": 192}
+    refused = httpx.post(
+        f"{deployment.url}/v2/models/{MODEL}/infer",
+        json={"inputs": [{"name": "RGB", "datatype": "UINT8", "shape": [1, 8, 8, 3], "parameters": in_shm}]},
+        timeout=60,
+    )
+    assert refused.status_code == 422 and "single-host" in refused.json()["error"]  # no shared memory on Ray
+    assert "system_shared_memory" not in httpx.get(f"{deployment.url}/v2", timeout=10).json()["extensions"]
     models = httpx.get(f"{deployment.url}/models", timeout=10).json()
     assert models["models"][0]["ready"] and len(models["models"][0]["classes"]) == 19
     assert httpx.get(f"{deployment.url}/healthz", timeout=10).status_code == 200

@@ -60,6 +60,9 @@ def test_package_service_and_methods(ours):
         "ModelInfer",
         "ModelStreamInfer",
         "ModelStatistics",
+        "SystemSharedMemoryStatus",
+        "SystemSharedMemoryRegister",
+        "SystemSharedMemoryUnregister",
     }
     assert set(mine.methods_by_name) == wanted
     for name in wanted:

@@ -29,7 +29,8 @@ from . import v2_tensors as tensors
 from .grpc import ServicerBase, effective_deadline_ms, status_of, stream_options
 from .streaming import DEFAULT_MAX_IN_FLIGHT, OrderedStream
 from .v2_params import ran_parameters, request_options
-from .v2_rest import EXTENSIONS, SERVER_NAME, class_count, model_statistics, v2_model
+from .v2_rest import SERVER_NAME, class_count, extensions, model_statistics, v2_model
+from .v2_shm import Place, SharedMemoryRegions, place_of, regions_of
 
 log = logging.getLogger("service.grpc")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -59,34 +60,61 @@ def parameters_of(parameters) -> dict:
     return out
 
 
-def request_inputs(request: pb.ModelInferRequest) -> list[tensors.InputTensor]:
+def request_inputs(request: pb.ModelInferRequest, service) -> list[tensors.InputTensor]:
+    """InputTensors from raw_input_contents (one entry per input not in shared memory, in order),
+    typed contents, or a shared-memory region."""
+    parameters = [parameters_of(item.parameters) for item in request.inputs]
+    places = [place_of(p, f"input {item.name}") for p, item in zip(parameters, request.inputs)]
     raw = list(request.raw_input_contents)
-    if raw and len(raw) != len(request.inputs):
-        raise ServiceError("bad_request", f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs")
-    inputs = []
-    for i, item in enumerate(request.inputs):
-        tensor = tensors.InputTensor(
-            item.name, item.datatype, list(item.shape), parameters=parameters_of(item.parameters)
+    plain = sum(place is None for place in places)
+    if raw and len(raw) != plain:
+        raise ServiceError(
+            "bad_request", f"raw_input_contents has {len(raw)} entries for {plain} inputs not in shared memory"
         )
-        if raw:
-            tensor.raw = raw[i]
+    raw_entries = iter(raw)
+    inputs = []
+    for item, params, place in zip(request.inputs, parameters, places):
+        tensor = tensors.InputTensor(item.name, item.datatype, list(item.shape), parameters=params)
+        if place is not None:
+            tensor.raw = regions_of(service).read(place)
+        elif raw:
+            tensor.raw = next(raw_entries)
         elif item.HasField("contents") and item.datatype in CONTENTS_FIELD:
             tensor.values = list(getattr(item.contents, CONTENTS_FIELD[item.datatype]))
         inputs.append(tensor)
     return inputs
 
 
+def set_parameter(parameter: pb.InferParameter, value) -> None:
+    if isinstance(value, bool):
+        parameter.bool_param = value
+    elif isinstance(value, int):
+        parameter.int64_param = value
+    else:
+        parameter.string_param = value
+
+
 def infer_response(
-    model: str, request_id: str, outputs: list[tensors.OutputTensor], parameters: dict
+    model: str,
+    request_id: str,
+    outputs: list[tensors.OutputTensor],
+    parameters: dict,
+    places: dict[str, Place],
+    regions: SharedMemoryRegions | None,
 ) -> pb.ModelInferResponse:
+    """The response; outputs with a place are written into their shared-memory region, and keep an
+    empty raw_output_contents entry (clients find each output's bytes by its position)."""
     response = pb.ModelInferResponse(model_name=model, model_version="1", id=request_id)
     for key, value in parameters.items():
-        response.parameters[key].string_param = value
+        set_parameter(response.parameters[key], value)
     for out in outputs:
         tensor = response.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
-        for key, value in out.parameters.items():
-            tensor.parameters[key].string_param = value
-        response.raw_output_contents.append(out.array.tobytes())
+        out_parameters = dict(out.parameters)
+        if out.name in places:
+            out_parameters.update(regions.write(places[out.name], out.array, f"output {out.name}"))
+        for key, value in out_parameters.items():
+            set_parameter(tensor.parameters[key], value)
+        response.raw_output_contents.append(b"" if out.name in places else out.array.tobytes())
     return response
 
 
@@ -136,15 +164,20 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
         path. Raises ServiceError."""
         options = request_options(parameters_of(request.parameters))
         options["deadline_ms"] = effective_deadline_ms(options.get("deadline_ms", 0), remaining_s)
-        items = tensors.batch_items(request_inputs(request), self.settings)
+        items = tensors.batch_items(request_inputs(request, self.service), self.settings)
         names = tensors.requested_outputs([o.name for o in request.outputs])
+        places = {o.name: place_of(parameters_of(o.parameters), f"output {o.name}") for o in request.outputs}
+        places = {name: place for name, place in places.items() if place is not None}
+        regions = regions_of(self.service) if places else None
+        for place in places.values():
+            regions.check(place)
         served = await self.service.segment_batch(model, protocol, items, link=link, **options)
         model = served[0].model  # what ran (the choice when the request said auto)
         start = time.perf_counter()
         outputs = await self.service.run_in_pool(
             tensors.output_tensors, [s.result.labels for s in served], class_count(self.service, model), names
         )
-        response = infer_response(model, request.id, outputs, ran_parameters(served))
+        response = infer_response(model, request.id, outputs, ran_parameters(served), places, regions)
         self.metrics.observe_outputs("v2", served, time.perf_counter() - start)
         return response
 
@@ -163,7 +196,7 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=self.service.ready)
 
     async def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=extensions(self.service))
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context):
         try:
@@ -197,6 +230,34 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
         except ServiceError as exc:
             await self.fail(context, exc)
         return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
+
+    # -- system shared memory ----------------------------------------------------------------------
+    async def SystemSharedMemoryStatus(self, request: pb.SystemSharedMemoryStatusRequest, context):
+        try:
+            self.authorize(context)
+            statuses = regions_of(self.service).status(request.name)
+        except ServiceError as exc:
+            await self.fail(context, exc)
+        response = pb.SystemSharedMemoryStatusResponse()
+        for status in statuses:
+            response.regions[status["name"]].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(**status))
+        return response
+
+    async def SystemSharedMemoryRegister(self, request: pb.SystemSharedMemoryRegisterRequest, context):
+        try:
+            self.authorize(context)
+            regions_of(self.service).register(request.name, request.key, request.offset, request.byte_size)
+        except ServiceError as exc:
+            await self.fail(context, exc)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(self, request: pb.SystemSharedMemoryUnregisterRequest, context):
+        try:
+            self.authorize(context)
+            regions_of(self.service).unregister(request.name)
+        except ServiceError as exc:
+            await self.fail(context, exc)
+        return pb.SystemSharedMemoryUnregisterResponse()
 
     # -- inference -------------------------------------------------------------------------------
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext):

@@ -1,7 +1,7 @@
 """KServe v2 (Open Inference Protocol) over HTTP, Triton-compatible: server and model metadata,
-readiness, Triton's model-configuration and statistics extensions, and infer with JSON tensors or
-Triton's binary tensor extension. The health routes (/v2/health/live|ready) live in rest.py with
-/healthz and /readyz.
+readiness, Triton's model-configuration, statistics and system shared-memory extensions, and infer
+with JSON tensors or Triton's binary tensor extension. The health routes (/v2/health/live|ready)
+live in rest.py with /healthz and /readyz.
 
 Errors use the v2 body {"error": "message"} (a string, as tritonclient expects) with the API's
 usual HTTP statuses and Retry-After.
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -23,6 +25,7 @@ from . import v2_tensors as tensors
 from .auth import api_key_from
 from .http_body import read_limited
 from .v2_params import ran_parameters, request_options
+from .v2_shm import Place, SharedMemoryRegions, place_of, regions_of
 
 PROTOCOL = "v2_http"
 SERVER_NAME = "bisenet-serve"
@@ -30,6 +33,11 @@ EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
 VERSIONS = ("", "1")  # one version per model; "1" is its name
 HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON_HEADROOM = 64 * 1024
+
+
+def extensions(service: SegmentationService) -> list[str]:
+    """The protocol extensions this front end answers (no shared memory behind the Ray ingress)."""
+    return EXTENSIONS + (["system_shared_memory"] if getattr(service, "shared_memory", None) else [])
 
 
 def v2_error(error: ServiceError) -> JSONResponse:
@@ -71,8 +79,8 @@ def model_statistics(service: SegmentationService, name: str, version: str = "")
     return service.metrics.statistics.snapshot(v2_model(service, name, version))
 
 
-def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
-    """(JSON header, binary section) of an infer body, checked."""
+def split_body(body: bytes, header_length: str | None, needs: str = "`inputs`") -> tuple[dict, bytes]:
+    """(JSON header, binary section) of a body, checked; `needs` says what the object must hold."""
     if header_length is None:
         header_bytes, binary = body, b""
     else:
@@ -87,7 +95,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     except (ValueError, UnicodeDecodeError) as exc:
         raise ServiceError("bad_request", f"the request's JSON is malformed: {exc}") from None
     if not isinstance(header, dict):
-        raise ServiceError("bad_request", "the request's JSON must be an object with `inputs`")
+        raise ServiceError("bad_request", f"the request's JSON must be an object with {needs}")
     return header, binary
 
 
@@ -105,8 +113,9 @@ def json_parameters(obj: dict, where: str) -> dict:
     return value
 
 
-def parse_inputs(header: dict, binary: bytes) -> list[tensors.InputTensor]:
-    """InputTensors from the JSON inputs, taking binary data from the body's binary section in order."""
+def parse_inputs(header: dict, binary: bytes, service: SegmentationService) -> list[tensors.InputTensor]:
+    """InputTensors from the JSON inputs, taking binary data from the body's binary section in order,
+    or from a shared-memory region."""
     inputs, offset = [], 0
     for i, item in enumerate(json_list(header, "inputs")):
         name, datatype, shape = item.get("name"), item.get("datatype"), item.get("shape")
@@ -117,7 +126,12 @@ def parse_inputs(header: dict, binary: bytes) -> list[tensors.InputTensor]:
         params = json_parameters(item, f"input {name}")
         tensor = tensors.InputTensor(name, datatype, shape, parameters=params)
         size = params.get("binary_data_size")
-        if size is not None:
+        place = place_of(params, f"input {name}")
+        if place is not None:
+            if size is not None or "data" in item:
+                raise ServiceError("bad_request", f"input {name}: data in shared memory and in the request")
+            tensor.raw = regions_of(service).read(place)
+        elif size is not None:
             if isinstance(size, bool) or not isinstance(size, int) or size < 0:
                 raise ServiceError("bad_request", f"input {name}: binary_data_size must be a byte count")
             if offset + size > len(binary):
@@ -136,28 +150,41 @@ def parse_inputs(header: dict, binary: bytes) -> list[tensors.InputTensor]:
     return inputs
 
 
-def parse_outputs(header: dict) -> tuple[list[str], dict[str, bool]]:
-    """(output names, output name -> send as binary)."""
+def parse_outputs(header: dict) -> tuple[list[str], dict[str, bool], dict[str, Place]]:
+    """(output names, output name -> send as binary, output name -> shared-memory place to write)."""
     default_binary = bool(json_parameters(header, "the request").get("binary_data_output", False))
-    names, binary = [], {}
+    names, binary, places = [], {}, {}
     for item in json_list(header, "outputs"):
         name = item.get("name")
         if not isinstance(name, str):
             raise ServiceError("bad_request", "each requested output needs a `name`")
         names.append(name)
-        binary[name] = bool(json_parameters(item, f"output {name}").get("binary_data", default_binary))
+        parameters = json_parameters(item, f"output {name}")
+        binary[name] = bool(parameters.get("binary_data", default_binary))
+        place = place_of(parameters, f"output {name}")
+        if place is not None:
+            places[name] = place
     names = tensors.requested_outputs(names)
-    return names, {name: binary.get(name, default_binary) for name in names}
+    return names, {name: binary.get(name, default_binary) for name in names}, places
 
 
 def infer_response(
-    model: str, request_id, outputs: list[tensors.OutputTensor], binary: dict[str, bool], ran: dict
+    model: str,
+    request_id,
+    outputs: list[tensors.OutputTensor],
+    binary: dict[str, bool],
+    ran: dict,
+    places: dict[str, Place],
+    regions: SharedMemoryRegions | None,
 ) -> Response:
+    """The response; outputs with a place are written into their shared-memory region instead."""
     body_outputs, chunks = [], []
     for out in outputs:
         entry = {"name": out.name, "datatype": out.datatype, "shape": out.shape}
         parameters = dict(out.parameters)
-        if binary[out.name]:
+        if out.name in places:
+            parameters.update(regions.write(places[out.name], out.array, f"output {out.name}"))
+        elif binary[out.name]:
             data = out.array.tobytes()
             parameters["binary_data_size"] = len(data)
             chunks.append(data)
@@ -187,6 +214,14 @@ def add_v2_routes(app: FastAPI, service: SegmentationService) -> None:
     def authorize(request: Request) -> None:
         service.check_api_key(api_key_from(request.headers.get("x-api-key"), request.headers.get("authorization")))
 
+    def keyed(request: Request, answer: Callable[[], Any]):
+        """`answer()` for a request with the API key; a ServiceError as its v2 error."""
+        try:
+            authorize(request)
+            return answer()
+        except ServiceError as exc:
+            return v2_error(exc)
+
     def routes(path: str, method: str, **kwargs):
         """Register the handler for /models/{model}/PATH and /models/{model}/versions/{version}/PATH."""
 
@@ -199,16 +234,12 @@ def add_v2_routes(app: FastAPI, service: SegmentationService) -> None:
 
     @app.get("/v2", summary="Server metadata: name, version, protocol extensions", tags=tags)
     async def server_metadata():
-        return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
+        return {"name": SERVER_NAME, "version": __version__, "extensions": extensions(service)}
 
     # Before /v2/models/{model}, which would take "stats" for a model name.
     @app.get("/v2/models/stats", summary="Statistics of every model (Triton's statistics extension)", tags=tags)
     async def all_statistics(request: Request):
-        try:
-            authorize(request)
-            return {"model_stats": model_statistics(service, "")}
-        except ServiceError as exc:
-            return v2_error(exc)
+        return keyed(request, lambda: {"model_stats": model_statistics(service, "")})
 
     @routes("", "GET", summary="Model metadata: inputs and outputs")
     async def metadata(request: Request, model: str, version: str = ""):
@@ -240,11 +271,10 @@ def add_v2_routes(app: FastAPI, service: SegmentationService) -> None:
 
     @routes("/stats", "GET", summary="Model statistics: counts and cumulative time per phase")
     async def statistics(request: Request, model: str, version: str = ""):
-        try:
-            authorize(request)
-            return {"model_stats": model_statistics(service, model, version)}
-        except ServiceError as exc:
-            return v2_error(exc)
+        return keyed(request, lambda: {"model_stats": model_statistics(service, model, version)})
+
+    if getattr(service, "shared_memory", None) is not None:
+        add_shared_memory_routes(app, service.shared_memory, keyed, tags)
 
     @routes("/infer", "POST", summary="Inference with JSON or binary tensors")
     async def infer(request: Request, model: str, version: str = ""):
@@ -260,15 +290,20 @@ def add_v2_routes(app: FastAPI, service: SegmentationService) -> None:
             body = await read_limited(request, body_limit(service))
             header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
             options = request_options(json_parameters(header, "the request"))
-            items = tensors.batch_items(parse_inputs(header, binary), service.settings)
-            output_names, binary_outputs = parse_outputs(header)
+            items = tensors.batch_items(parse_inputs(header, binary, service), service.settings)
+            output_names, binary_outputs, places = parse_outputs(header)
+            regions = regions_of(service) if places else None
+            for place in places.values():
+                regions.check(place)
             served = await service.segment_batch(name, PROTOCOL, items, **options)
             name = served[0].model  # what ran (the choice when the request said auto)
             encode_start = time.perf_counter()
             outputs = await service.run_in_pool(
                 tensors.output_tensors, [s.result.labels for s in served], class_count(service, name), output_names
             )
-            response = infer_response(name, header.get("id"), outputs, binary_outputs, ran_parameters(served))
+            response = infer_response(
+                name, header.get("id"), outputs, binary_outputs, ran_parameters(served), places, regions
+            )
             metrics.observe_outputs("v2", served, time.perf_counter() - encode_start)
             status = 200
             return response
@@ -279,3 +314,45 @@ def add_v2_routes(app: FastAPI, service: SegmentationService) -> None:
         finally:
             metrics.in_flight.dec()
             metrics.observe_request(name, PROTOCOL, str(status), time.perf_counter() - start)
+
+
+def add_shared_memory_routes(app: FastAPI, regions: SharedMemoryRegions, keyed, tags: list[str]) -> None:
+    """Triton's system shared-memory extension over HTTP (v2_shm.py): register, unregister, status."""
+    base = "/v2/systemsharedmemory"
+
+    def done(action: Callable[[], Any]) -> Callable[[], Response]:
+        """An answer that runs `action` and says 200 with no body, as Triton does."""
+
+        def answer() -> Response:
+            action()
+            return Response(status_code=200)
+
+        return answer
+
+    def registration(body: bytes) -> tuple:
+        header, _ = split_body(body, None, "`key` and `byte_size`")
+        return header.get("key"), header.get("offset", 0), header.get("byte_size")
+
+    @app.get(base + "/status", summary="Registered shared-memory regions", tags=tags)
+    async def status(request: Request):
+        return keyed(request, regions.status)
+
+    @app.get(base + "/region/{name}/status", summary="One registered shared-memory region", tags=tags)
+    async def region_status(request: Request, name: str):
+        return keyed(request, lambda: regions.status(name))
+
+    @app.post(base + "/region/{name}/register", summary="Register /dev/shm/KEY under a name", tags=tags)
+    async def register(request: Request, name: str):
+        try:
+            body = await read_limited(request, JSON_HEADROOM)
+        except ServiceError as exc:
+            return v2_error(exc)
+        return keyed(request, done(lambda: regions.register(name, *registration(body))))
+
+    @app.post(base + "/region/{name}/unregister", summary="Unregister a shared-memory region", tags=tags)
+    async def unregister(request: Request, name: str):
+        return keyed(request, done(lambda: regions.unregister(name)))
+
+    @app.post(base + "/unregister", summary="Unregister every shared-memory region", tags=tags)
+    async def unregister_all(request: Request):
+        return keyed(request, done(regions.unregister))
