@@ -166,6 +166,7 @@ def test_refusals(service, frames):
 
         refused(register("a", {"key": "/../../etc/passwd", "byte_size": 8}), 422, "no path")
         refused(register("a", {"key": "/bisenet-no-such-object", "byte_size": 8}), 422, "cannot open")
+        refused(register("a", {"key": "/bisenet_1_0", "byte_size": 8}), 422, "reserved")
         refused(register("a", {"key": key, "byte_size": 65}), 422, "beyond")
         refused(register("a", {"key": key, "byte_size": 0}), 422, "at least 1")
         refused(register("a", {"key": key, "byte_size": -1}), 422, "non-negative")

@@ -6,8 +6,8 @@ crosses no socket and no JSON or protobuf parser.
 
 The regions live in the front end, which reads inputs out of them and writes outputs into them in
 its event loop, so a region is never unmapped while a request uses it. Only objects directly in
-/dev/shm can be registered (no paths), at most MAX_REGIONS at a time, and the calls need the API
-key like inference does.
+/dev/shm can be registered (no paths), never the service's own frame slots, at most MAX_REGIONS
+at a time, and the calls need the API key like inference does.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ServiceError
+from ..worker.shm import SLOT_PREFIX
 
 SHM_DIR = Path("/dev/shm")
 MAX_REGIONS = 64
@@ -112,6 +113,8 @@ class SharedMemoryRegions:
             raise ServiceError(
                 "bad_request", f"shared memory key {key!r} must name an object in {self.folder}, no path"
             )
+        if match.group(1).startswith(SLOT_PREFIX):  # the service's own frame slots hold other clients' images
+            raise ServiceError("bad_request", f"shared memory key {key!r} is reserved for the service's frame slots")
         offset, byte_size = _count(offset, "offset"), _count(byte_size, "byte_size")
         if byte_size == 0:
             raise ServiceError("bad_request", "byte_size must be at least 1")

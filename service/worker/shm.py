@@ -25,6 +25,8 @@ SHM_ROOT = "/dev/shm"
 SHM_HEADROOM = 0.9  # of what /dev/shm has free: other processes (Ray, data loaders) use it too
 _names = itertools.count()
 
+SLOT_PREFIX = "bisenet_"  # frame slots in /dev/shm: bisenet_PID_N
+
 
 def usable_shm_bytes(requested: int, root: str = SHM_ROOT) -> int:
     """The frame memory /dev/shm can really hold. A write past the end of a full tmpfs kills the
@@ -102,7 +104,7 @@ class SlotPool:
                 forgotten.append(self._destroy(victim))
             if self.bytes_mapped + capacity > self.budget_bytes:
                 raise ServiceError("queue_full", "frame memory is exhausted; retry shortly", retry_after=1)
-            name = f"bisenet_{os.getpid()}_{next(_names)}"
+            name = f"{SLOT_PREFIX}{os.getpid()}_{next(_names)}"
             slot = Slot(shared_memory.SharedMemory(name=name, create=True, size=capacity), capacity)
             self._all[slot.name] = slot
             self.bytes_mapped += capacity
