@@ -30,7 +30,7 @@ from .grpc import ServicerBase, effective_deadline_ms, status_of, stream_options
 from .streaming import DEFAULT_MAX_IN_FLIGHT, OrderedStream
 from .v2_params import ran_parameters, request_options
 from .v2_rest import SERVER_NAME, class_count, extensions, model_statistics, v2_model
-from .v2_shm import Place, SharedMemoryRegions, place_of, regions_of
+from .v2_shm import Place, SharedMemoryRegions, output_regions, place_of, regions_of
 
 log = logging.getLogger("service.grpc")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -168,9 +168,7 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
         names = tensors.requested_outputs([o.name for o in request.outputs])
         places = {o.name: place_of(parameters_of(o.parameters), f"output {o.name}") for o in request.outputs}
         places = {name: place for name, place in places.items() if place is not None}
-        regions = regions_of(self.service) if places else None
-        for place in places.values():
-            regions.check(place)
+        regions = output_regions(self.service, places)
         served = await self.service.segment_batch(model, protocol, items, link=link, **options)
         model = served[0].model  # what ran (the choice when the request said auto)
         start = time.perf_counter()

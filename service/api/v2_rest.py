@@ -25,7 +25,7 @@ from . import v2_tensors as tensors
 from .auth import api_key_from
 from .http_body import read_limited
 from .v2_params import ran_parameters, request_options
-from .v2_shm import Place, SharedMemoryRegions, place_of, regions_of
+from .v2_shm import Place, SharedMemoryRegions, output_regions, place_of, regions_of
 
 PROTOCOL = "v2_http"
 SERVER_NAME = "bisenet-serve"
@@ -292,9 +292,7 @@ def add_v2_routes(app: FastAPI, service: SegmentationService) -> None:
             options = request_options(json_parameters(header, "the request"))
             items = tensors.batch_items(parse_inputs(header, binary, service), service.settings)
             output_names, binary_outputs, places = parse_outputs(header)
-            regions = regions_of(service) if places else None
-            for place in places.values():
-                regions.check(place)
+            regions = output_regions(service, places)
             served = await service.segment_batch(name, PROTOCOL, items, **options)
             name = served[0].model  # what ran (the choice when the request said auto)
             encode_start = time.perf_counter()

@@ -86,6 +86,17 @@ def regions_of(service) -> SharedMemoryRegions:
     return regions
 
 
+def output_regions(service, places: dict[str, Place]) -> SharedMemoryRegions | None:
+    """The regions that outputs will be written into, every place checked before any compute;
+    None when no output goes to shared memory."""
+    if not places:
+        return None
+    regions = regions_of(service)
+    for place in places.values():
+        regions.check(place)
+    return regions
+
+
 def written(place: Place, size: int) -> dict:
     """An output's parameters once written into a region: where, and how many bytes."""
     return {REGION: place.region, BYTE_SIZE: size, **({OFFSET: place.offset} if place.offset else {})}
