@@ -59,8 +59,8 @@ def test_priority_one_overtakes_the_queue(service, photo):
 
             await asyncio.gather(
                 send("blocker", 0.0, tta="ms_flip"),
-                *(send(f"low{i}", 0.5 + 0.05 * i, priority=2) for i in range(4)),
-                send("high", 0.9),  # no priority: the default, 1
+                *(send(f"low{i}", 0.3 + 0.03 * i, priority=2) for i in range(4)),
+                send("high", 0.5),  # no priority: the default, 1
             )
 
     asyncio.run(run())
