@@ -13,7 +13,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -190,6 +190,14 @@ class ServicerBase:
         self.service.count_rejection(error)
         await context.abort(status_of(error), error.message, trailing_metadata=trailers_of(error))
 
+    async def keyed(self, context: grpc.aio.ServicerContext, answer: Callable):
+        """`answer()` for a call with the API key; a ServiceError ends the call with its status."""
+        try:
+            self.authorize(context)
+            return answer()
+        except ServiceError as exc:
+            await self.fail(context, exc)
+
     @contextlib.asynccontextmanager
     async def unary_call(self, context: grpc.aio.ServicerContext, protocol: str):
         """A unary call's accounting, shared by Segment and ModelInfer: the in-flight gauge, its
@@ -288,11 +296,7 @@ class SegmentationServicer(ServicerBase, pb_grpc.SegmentationServicer):
             return response
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):
-        try:
-            self.authorize(context)
-            check_decoded(request)
-        except ServiceError as exc:
-            await self.fail(context, exc)
+        await self.keyed(context, lambda: check_decoded(request))
         models = []
         for info in self.service.models_info():
             models.append(

@@ -29,7 +29,15 @@ from . import v2_tensors as tensors
 from .grpc import ServicerBase, effective_deadline_ms, status_of, stream_options
 from .streaming import DEFAULT_MAX_IN_FLIGHT, OrderedStream
 from .v2_params import ran_parameters, request_options
-from .v2_rest import SERVER_NAME, class_count, extensions, model_statistics, v2_model
+from .v2_rest import (
+    SERVER_NAME,
+    class_count,
+    extensions,
+    model_configuration,
+    model_metadata,
+    model_statistics,
+    v2_model,
+)
 from .v2_shm import Place, SharedMemoryRegions, output_regions, place_of, regions_of
 
 log = logging.getLogger("service.grpc")
@@ -197,12 +205,7 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=extensions(self.service))
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context):
-        try:
-            self.authorize(context)
-            model = self.model_of(request.name, request.version)
-            meta = tensors.model_metadata(model, class_count(self.service, model))
-        except ServiceError as exc:
-            await self.fail(context, exc)
+        meta = await self.keyed(context, lambda: model_metadata(self.service, request.name, request.version))
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=meta["name"],
@@ -213,48 +216,28 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context):
-        try:
-            self.authorize(context)
-            model = self.model_of(request.name, request.version)
-            config = tensors.model_config(model, class_count(self.service, model), self.settings)
-        except ServiceError as exc:
-            await self.fail(context, exc)
+        config = await self.keyed(context, lambda: model_configuration(self.service, request.name, request.version))
         return pb.ModelConfigResponse(config=config_message(config))
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context):
-        try:
-            self.authorize(context)
-            stats = model_statistics(self.service, request.name, request.version)
-        except ServiceError as exc:
-            await self.fail(context, exc)
+        stats = await self.keyed(context, lambda: model_statistics(self.service, request.name, request.version))
         return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
 
     # -- system shared memory ----------------------------------------------------------------------
     async def SystemSharedMemoryStatus(self, request: pb.SystemSharedMemoryStatusRequest, context):
-        try:
-            self.authorize(context)
-            statuses = regions_of(self.service).status(request.name)
-        except ServiceError as exc:
-            await self.fail(context, exc)
+        statuses = await self.keyed(context, lambda: regions_of(self.service).status(request.name))
         response = pb.SystemSharedMemoryStatusResponse()
         for status in statuses:
             response.regions[status["name"]].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(**status))
         return response
 
     async def SystemSharedMemoryRegister(self, request: pb.SystemSharedMemoryRegisterRequest, context):
-        try:
-            self.authorize(context)
-            regions_of(self.service).register(request.name, request.key, request.offset, request.byte_size)
-        except ServiceError as exc:
-            await self.fail(context, exc)
+        r = request
+        await self.keyed(context, lambda: regions_of(self.service).register(r.name, r.key, r.offset, r.byte_size))
         return pb.SystemSharedMemoryRegisterResponse()
 
     async def SystemSharedMemoryUnregister(self, request: pb.SystemSharedMemoryUnregisterRequest, context):
-        try:
-            self.authorize(context)
-            regions_of(self.service).unregister(request.name)
-        except ServiceError as exc:
-            await self.fail(context, exc)
+        await self.keyed(context, lambda: regions_of(self.service).unregister(request.name))
         return pb.SystemSharedMemoryUnregisterResponse()
 
     # -- inference -------------------------------------------------------------------------------

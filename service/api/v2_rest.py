@@ -69,6 +69,18 @@ def v2_model(service: SegmentationService, name: str, version: str = "", allow_a
     return service.resolve_model(name)
 
 
+def model_metadata(service: SegmentationService, name: str, version: str = "") -> dict:
+    """The v2 model metadata of the model a path or call names. Raises not_found, not_ready."""
+    model = v2_model(service, name, version)
+    return tensors.model_metadata(model, class_count(service, model))
+
+
+def model_configuration(service: SegmentationService, name: str, version: str = "") -> dict:
+    """Triton's model configuration of the model a path or call names. Raises not_found, not_ready."""
+    model = v2_model(service, name, version)
+    return tensors.model_config(model, class_count(service, model), service.settings)
+
+
 def model_statistics(service: SegmentationService, name: str, version: str = "") -> list[dict]:
     """The statistics extension's `model_stats`: the named model's, or every served model's when the
     name is empty (service/statistics.py says what each phase covers). Raises not_found."""
@@ -243,12 +255,7 @@ def add_v2_routes(app: FastAPI, service: SegmentationService) -> None:
 
     @routes("", "GET", summary="Model metadata: inputs and outputs")
     async def metadata(request: Request, model: str, version: str = ""):
-        try:
-            authorize(request)
-            name = v2_model(service, model, version)
-            return tensors.model_metadata(name, class_count(service, name))
-        except ServiceError as exc:
-            return v2_error(exc)
+        return keyed(request, lambda: model_metadata(service, model, version))
 
     @routes("/ready", "GET", summary="Model readiness")
     async def model_ready(model: str, version: str = ""):
@@ -262,12 +269,7 @@ def add_v2_routes(app: FastAPI, service: SegmentationService) -> None:
 
     @routes("/config", "GET", summary="Triton model configuration")
     async def config(request: Request, model: str, version: str = ""):
-        try:
-            authorize(request)
-            name = v2_model(service, model, version)
-            return tensors.model_config(name, class_count(service, name), service.settings)
-        except ServiceError as exc:
-            return v2_error(exc)
+        return keyed(request, lambda: model_configuration(service, model, version))
 
     @routes("/stats", "GET", summary="Model statistics: counts and cumulative time per phase")
     async def statistics(request: Request, model: str, version: str = ""):
