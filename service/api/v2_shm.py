@@ -16,15 +16,13 @@ import mmap
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import ServiceError
-from ..worker.shm import SLOT_PREFIX
+from ..worker.shm import SHM_ROOT, SLOT_PREFIX
 
-SHM_DIR = Path("/dev/shm")
 MAX_REGIONS = 64
 KEY = re.compile(r"/?([A-Za-z0-9_.-]{1,255})")
 # The tensor parameters that point into a region, on inputs and on requested outputs.
@@ -103,7 +101,7 @@ def written(place: Place, size: int) -> dict:
 
 
 class SharedMemoryRegions:
-    def __init__(self, limit: int = MAX_REGIONS, folder: Path = SHM_DIR):
+    def __init__(self, limit: int = MAX_REGIONS, folder: str = SHM_ROOT):
         self.limit = limit
         self.folder = folder
         self.regions: dict[str, Region] = {}
@@ -130,7 +128,7 @@ class SharedMemoryRegions:
         if byte_size == 0:
             raise ServiceError("bad_request", "byte_size must be at least 1")
         try:
-            fd = os.open(self.folder / match.group(1), os.O_RDWR)
+            fd = os.open(os.path.join(self.folder, match.group(1)), os.O_RDWR)
         except OSError as exc:
             raise ServiceError("bad_request", f"cannot open shared memory {key!r}: {exc.strerror}") from None
         try:
@@ -147,7 +145,8 @@ class SharedMemoryRegions:
 
     def unregister(self, name: str = "") -> None:
         """One region, or every region for an empty name; a name not registered is no error."""
-        for region in [self.regions.pop(name, None)] if name else [self.regions.pop(n) for n in list(self.regions)]:
+        for each in [name] if name else list(self.regions):
+            region = self.regions.pop(each, None)
             if region is not None:
                 region.mapping.close()
 
