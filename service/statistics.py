@@ -43,17 +43,31 @@ def _phases() -> dict[str, Duration]:
     return {phase: Duration() for phase in PHASES}
 
 
+def _add(phases: dict[str, Duration], *seconds: float) -> None:
+    """Seconds of compute input, infer and output, in that order."""
+    for phase, value in zip(PHASES, seconds, strict=True):
+        phases[phase].add(value)
+
+
 @dataclass
 class ModelStatistics:
     name: str
     last_inference: int = 0  # milliseconds since the epoch, of the last image served
-    inference_count: int = 0
-    execution_count: int = 0
     success: Duration = field(default_factory=Duration)
     fail: Duration = field(default_factory=Duration)
     queue: Duration = field(default_factory=Duration)
     phases: dict[str, Duration] = field(default_factory=_phases)
     batches: dict[int, dict[str, Duration]] = field(default_factory=dict)  # batch size -> phases
+
+    @property
+    def inference_count(self) -> int:
+        """Images served: each one waited in the queue once."""
+        return self.queue.count
+
+    @property
+    def execution_count(self) -> int:
+        """Batches run, of every size."""
+        return sum(phases["compute_infer"].count for phases in self.batches.values())
 
     def as_dict(self) -> dict:
         """The extension's JSON for one model (Triton's field names and nesting)."""
@@ -92,21 +106,16 @@ class Statistics:
         stats = self.models.get(model)
         if stats is None:
             return
-        stats.inference_count += 1
         stats.last_inference = int(time.time() * 1000)
         stats.queue.add(queue)
-        for phase, seconds in zip(PHASES, (compute_input, compute_infer, compute_output)):
-            stats.phases[phase].add(seconds)
+        _add(stats.phases, compute_input, compute_infer, compute_output)
 
     def batch(self, model: str, size: int, compute_input: float, compute_infer: float, compute_output: float):
         """One batch the worker ran; seconds in each phase for the whole batch."""
         stats = self.models.get(model)
         if stats is None:
             return
-        stats.execution_count += 1
-        phases = stats.batches.setdefault(size, _phases())
-        for phase, seconds in zip(PHASES, (compute_input, compute_infer, compute_output)):
-            phases[phase].add(seconds)
+        _add(stats.batches.setdefault(size, _phases()), compute_input, compute_infer, compute_output)
 
     def snapshot(self, model: str | None = None) -> list[dict]:
         """Every model's statistics (in the order served), or the one named."""
