@@ -57,7 +57,7 @@ class Regions:
         self.handles = []
 
     def make(self, name: str, size: int):
-        handle = shm.create_shared_memory_region(name, f"/bisenet-test-{os.getpid()}-{self.tag}-{name}", size)
+        handle = shm.create_shared_memory_region(name, self.key(name), size)
         self.handles.append(handle)
         return handle
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.bench.processes import free_port, service_command, wait_http_ready  # noqa: E402
+from service.bench.processes import free_port, spawn_service  # noqa: E402
 
 MODEL = "bisenetv1_r18"
 DEFAULT_SERVICE = f"--model {MODEL}=random --device cpu --resize-scale 256x128 --warm-shapes none --max-batch 1"
@@ -167,12 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     height, width = (int(v) for v in args.size.lower().split("x"))
     frame = np.random.default_rng(0).integers(0, 256, (height, width, 3), np.uint8)
-    http_port, grpc_port = free_port(), free_port()
-    command = service_command(http_port, grpc_port, args.service.split())
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{http_port}"
+    grpc_port = free_port()
+    proc, url = spawn_service(args.service, grpc_port=grpc_port)
     try:
-        wait_http_ready(proc, f"{url}/readyz", 600)
         rows = measure(url, f"127.0.0.1:{grpc_port}", frame, args.requests, args.rounds)
     finally:
         proc.terminate()
