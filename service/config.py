@@ -6,6 +6,7 @@ import argparse
 import os
 import re
 import ssl
+import urllib.parse
 from dataclasses import dataclass, field
 
 from model.graph_policy import validate_buckets
@@ -65,6 +66,8 @@ class Settings:
     stream_idle_seconds: float = 300.0  # a gRPC stream with no frame for this long is ended (0: never)
     auto_order: tuple[tuple[str, str], ...] = ()  # (model, tta) for model=auto, most accurate first
     auto_upgrade_frames: int = 10  # frames with headroom before an auto stream steps up
+    trace_endpoint: str | None = None  # OTLP/HTTP URL for OpenTelemetry traces; None: no tracing
+    trace_rate: float = 1.0  # share of requests without a caller's traceparent that are traced
 
     @property
     def budget_seconds(self) -> float:
@@ -268,7 +271,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="frames in a row with headroom before an auto stream steps up to a more accurate mode "
         "[BISENET_AUTO_UPGRADE_FRAMES]",
     )
+    p.add_argument(
+        "--trace-endpoint",
+        default=_env("TRACE_ENDPOINT", otlp_endpoint_from_environment()),
+        help="send OpenTelemetry traces (OTLP over HTTP) to this URL, e.g. http://jaeger:4318 (/v1/traces "
+        "is added to a URL without a path); empty: no tracing [BISENET_TRACE_ENDPOINT, else "
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT]",
+    )
+    p.add_argument(
+        "--trace-rate",
+        default=_env("TRACE_RATE", d.trace_rate),
+        help="share of requests traced, 0-1, when the caller sends no traceparent (a caller's sampled "
+        "flag always decides) [BISENET_TRACE_RATE]",
+    )
     return p
+
+
+def otlp_endpoint_from_environment() -> str:
+    """OpenTelemetry's own variables, as an OpenTelemetry operator or a platform sets them: the traces
+    URL as it is, or the collector's base URL (which gets /v1/traces)."""
+    return os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
+
+
+def parse_trace_endpoint(text: str) -> str | None:
+    """An OTLP/HTTP traces URL, or None (tracing off); a bare collector address gets /v1/traces."""
+    text = text.strip()
+    if not text:
+        return None
+    url = urllib.parse.urlsplit(text)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(
+            f"bad --trace-endpoint {text!r}: expected an OTLP/HTTP URL, http(s)://HOST[:PORT][/v1/traces]"
+        )
+    try:
+        url.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise ConfigError(f"bad --trace-endpoint {text!r}: the port is not a number") from None
+    return text if url.path not in ("", "/") else urllib.parse.urlunsplit(url._replace(path="/v1/traces"))
 
 
 def parse_auto_order(text: str, models: tuple[ModelSpec, ...]) -> tuple[tuple[str, str], ...]:
@@ -290,7 +329,7 @@ def parse_auto_order(text: str, models: tuple[ModelSpec, ...]) -> tuple[tuple[st
     return tuple(order)
 
 
-def _number(value, name: str, kind=int, minimum=None):
+def _number(value, name: str, kind=int, minimum=None, maximum=None):
     flag = f"--{name} (BISENET_{name.upper().replace('-', '_')})"
     try:
         number = kind(value)
@@ -298,6 +337,8 @@ def _number(value, name: str, kind=int, minimum=None):
         raise ConfigError(f"bad {flag} {value!r}: expected a {kind.__name__}") from None
     if minimum is not None and number < minimum:
         raise ConfigError(f"bad {flag} {value!r}: must be at least {minimum}")
+    if maximum is not None and number > maximum:
+        raise ConfigError(f"bad {flag} {value!r}: must be at most {maximum}")
     return number
 
 
@@ -391,4 +432,6 @@ def load_settings(argv: list[str] | None = None) -> Settings:
         stream_idle_seconds=_number(args.stream_idle_seconds, "stream-idle-seconds", float, minimum=0),
         auto_order=parse_auto_order(args.auto_order, models),
         auto_upgrade_frames=_number(args.auto_upgrade_frames, "auto-upgrade-frames", minimum=1),
+        trace_endpoint=parse_trace_endpoint(args.trace_endpoint),
+        trace_rate=_number(args.trace_rate, "trace-rate", float, minimum=0, maximum=1),
     )

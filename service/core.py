@@ -31,6 +31,7 @@ from .config import ALIASES, Settings
 from .errors import CODES, ServiceError
 from .logs import Step
 from .metrics import Metrics
+from .tracing import Tracing
 from .worker.link import Dispatcher, Result, WorkerLink
 from .worker.shm import Slot
 
@@ -45,6 +46,7 @@ class Served:
     timings: dict  # seconds: decode, queue, inference (encode added by the caller)
     tta: str = "none"  # the test-time augmentation that ran (chosen when the request said auto)
     data: bytes | None = None  # the encoded image, kept while `image` is None
+    decode_started: float = 0.0  # time.monotonic() when its decoding started (trace spans)
 
     @property
     def model(self) -> str:
@@ -66,6 +68,7 @@ class Placed:
     shape: tuple[int, int]
     encoded: int  # bytes of compressed image in the slot, 0 for pixels
     seconds: float  # decoding (or header reading) and copying
+    started: float  # time.monotonic() when that began
 
 
 def fetch_weights(settings: Settings) -> dict[str, str]:
@@ -98,7 +101,7 @@ def _retrieve(future: asyncio.Future) -> None:
 class SegmentationService:
     def __init__(self, settings: Settings, model_weights: dict[str, str], shm_bytes: int = 1 << 30):
         self.settings = settings
-        self.metrics = Metrics(settings.budget_seconds)
+        self.metrics = Metrics(settings.budget_seconds, tracing=Tracing.from_settings(settings))
         self.dispatcher = Dispatcher(settings, model_weights, self.metrics, shm_bytes)
         self.metrics.start_series(
             self.dispatcher.model_names, self.dispatcher.devices, sorted({reason for _, _, reason in CODES.values()})
@@ -159,19 +162,19 @@ class SegmentationService:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     def _decode_and_place(self, data: bytes | None, rgb: np.ndarray | None) -> Placed:
-        start = time.perf_counter()
+        start = time.monotonic()
         if rgb is None and self.decode_in_worker:
             header = imaging.read_header(data, self.settings.max_pixels)
             slot = self.dispatcher.place_encoded(data, header.height, header.width)
-            return Placed(None, slot, (header.height, header.width), len(data), time.perf_counter() - start)
+            return Placed(None, slot, (header.height, header.width), len(data), time.monotonic() - start, start)
         if rgb is None:
             rgb = imaging.decode_image(data, self.settings.max_pixels)
         elif rgb.shape[0] * rgb.shape[1] > self.settings.max_pixels:
             raise ServiceError(
                 "too_large", f"frame has {rgb.shape[0] * rgb.shape[1]} pixels; the limit is {self.settings.max_pixels}"
             )
-        decoded = time.perf_counter() - start
-        return Placed(rgb, self.dispatcher.place(rgb), rgb.shape[:2], 0, decoded)
+        decoded = time.monotonic() - start
+        return Placed(rgb, self.dispatcher.place(rgb), rgb.shape[:2], 0, decoded, start)
 
     async def _decode_and_place_async(self, data, rgb):
         task = asyncio.get_running_loop().run_in_executor(self.pool, self._decode_and_place, data, rgb)
@@ -254,7 +257,8 @@ class SegmentationService:
         finally:
             if model is not None:
                 self.dispatcher.release(model)
-        return Served(result, placed.image, {"decode": placed.seconds, **result.timings}, choice.mode.tta, data)
+        timings = {"decode": placed.seconds, **result.timings}
+        return Served(result, placed.image, timings, choice.mode.tta, data, placed.started)
 
     async def segment_batch(
         self,
@@ -281,7 +285,7 @@ class SegmentationService:
             raise
 
     def count_rejection(self, error: ServiceError) -> None:
-        self.metrics.rejected.labels(error.reason).inc()
+        self.metrics.observe_rejection(error)
 
     def models_info(self) -> list[dict]:
         out = []
@@ -330,3 +334,4 @@ class SegmentationService:
         await self.dispatcher.stop()
         self.shared_memory.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.metrics.tracing.shutdown()

@@ -1,5 +1,6 @@
-"""Every Prometheus metric of the service, defined once, in the front end's single registry, and
-Triton's statistics (service/statistics.py), fed by the same observations.
+"""Every Prometheus metric of the service, defined once, in the front end's single registry;
+Triton's statistics (service/statistics.py) and the request's trace spans (service/tracing.py) are
+fed by the same observations.
 
 Units are seconds; histogram buckets are multiples of the frame budget (1 / target fps) so that
 one bucket edge is exactly the budget. Labels carry no per-request or per-stream values.
@@ -17,7 +18,9 @@ from prometheus_client import (
     generate_latest,
 )
 
+from .errors import ServiceError
 from .statistics import Statistics
+from .tracing import Tracing
 
 BUDGET_MULTIPLES = (0.03, 0.075, 0.15, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 7.5, 15.0, 30.0, 75.0, 150.0, 300.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
@@ -25,7 +28,9 @@ PROTOCOLS = ("http", "grpc", "grpc_stream", "v2_http", "v2_grpc", "v2_grpc_strea
 
 
 class Metrics:
-    def __init__(self, budget_seconds: float, registry: CollectorRegistry | None = None):
+    def __init__(
+        self, budget_seconds: float, registry: CollectorRegistry | None = None, tracing: Tracing | None = None
+    ):
         self.registry = registry or CollectorRegistry()
         if registry is None:
             ProcessCollector(registry=self.registry)
@@ -34,6 +39,7 @@ class Metrics:
         buckets = tuple(round(budget_seconds * m, 6) for m in BUDGET_MULTIPLES)
         self.budget_seconds = budget_seconds
         self.statistics = Statistics()
+        self.tracing = tracing or Tracing()
 
         def hist(name, doc, labels):
             return Histogram(name, doc, labels, buckets=buckets, registry=r)
@@ -112,11 +118,19 @@ class Metrics:
         if ok and seconds > self.budget_seconds:
             self.over_budget.labels(model, protocol).inc()
         self.statistics.request(model, ok, seconds)
+        self.tracing.outcome(code, model, protocol)
+
+    def observe_rejection(self, error: ServiceError) -> None:
+        """A request (or stream frame) refused: counted by reason, and its span says why."""
+        self.rejected.labels(error.reason).inc()
+        self.tracing.rejected(error.code, error.message)
 
     def observe_outputs(self, fmt: str, served: list, seconds: float) -> None:
         """Responses encoded in `seconds` for these served images (core.Served): the encode time,
-        and each image's phases in the statistics (the worker's preparation counts as input)."""
+        each image's phases in the statistics (the worker's preparation counts as input), and the
+        phases as spans of the current request's trace."""
         self.encode.labels(fmt).observe(seconds)
+        self.tracing.phases(served, seconds)
         for s in served:
             t, prepare = s.timings, s.result.prepare
             self.statistics.image(

@@ -134,3 +134,13 @@ def load_parity_tool():
     spec.loader.exec_module(module)
     module.stub_mmcv_ops()
     return module
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    """An OTLP/HTTP trace receiver on 127.0.0.1 (tests/otlp.py) for the module's traced services."""
+    from tests.otlp import Receiver
+
+    receiver = Receiver()
+    yield receiver
+    receiver.server.shutdown()

@@ -26,6 +26,7 @@ import pytest
 from skimage import data as photos
 
 from service.bench.processes import free_port
+from tests.otlp import by_name, check_phases, traceparent
 from tests.servicekit import FAST_ARGS, ROOT, Service, held, metric_value, png, wait_for
 
 try:
@@ -211,9 +212,10 @@ def _status(url: str) -> int:
         return 0
 
 
-def segment(url: str, body: bytes, **params) -> httpx.Response:
+def segment(url: str, body: bytes, headers: dict | None = None, **params) -> httpx.Response:
     params.setdefault("format", "raw")
-    return httpx.post(f"{url}/segment", params=params, content=body, headers={"content-type": "image/png"}, timeout=60)
+    headers = {"content-type": "image/png", **(headers or {})}
+    return httpx.post(f"{url}/segment", params=params, content=body, headers=headers, timeout=60)
 
 
 def raw_labels(response: httpx.Response) -> np.ndarray:
@@ -239,9 +241,10 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def deployment(cluster):
+def deployment(cluster, receiver):
     started = time.monotonic()
     args = [*RAY_ARGS, "--min-replicas", "2", "--replica-resources", f"{SLOT}=1", "--max-ongoing", "2"]
+    args += ["--trace-endpoint", receiver.url]
     launcher = Launcher(cluster, [*args, "--max-queue", "4"])
     try:
         launcher.wait_ready()
@@ -284,6 +287,16 @@ def test_labels_equal_the_single_host_service(deployment):
             assert np.array_equal(on_ray, single), name
     finally:
         local.stop()
+
+
+def test_the_ingress_traces_requests_with_their_phases(deployment, receiver):
+    trace_id, caller, header = traceparent()
+    r = segment(deployment.url, png(PHOTOS["coffee"]), headers={"traceparent": header})
+    assert r.status_code == 200
+    spans = receiver.trace(trace_id, 5)  # the ingress exports every 5 s (OpenTelemetry's default)
+    server = by_name(spans)["POST /segment"][0]
+    assert server.parent_span_id == caller
+    check_phases(spans, server, MODEL)
 
 
 def test_same_rest_api_and_errors(deployment):

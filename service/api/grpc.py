@@ -13,7 +13,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -26,6 +26,7 @@ from ..core import SegmentationService, Served
 from ..errors import ServiceError
 from ..proto import segmentation_pb2 as pb
 from ..proto import segmentation_pb2_grpc as pb_grpc
+from ..tracing import grpc_attributes
 from ..worker.link import WorkerLink
 from . import imaging
 from .auth import api_key_from
@@ -171,9 +172,16 @@ class UnaryCall:
     started: float
 
 
+def metadata_of(context: grpc.aio.ServicerContext) -> dict:
+    """The call's text metadata, keys in lower case."""
+    return {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
 class ServicerBase:
     """What both gRPC services (Segmentation and v2 inference) share: the request path, the API key
-    check, and errors as status codes with their trailers."""
+    check, errors as status codes with their trailers, and trace spans."""
+
+    service_name = SERVICE_NAME  # the full gRPC service name, for trace spans
 
     def __init__(self, service: SegmentationService, settings: Settings):
         self.service = service
@@ -182,9 +190,20 @@ class ServicerBase:
 
     # -- shared pieces ---------------------------------------------------------------------------
     def authorize(self, context: grpc.aio.ServicerContext) -> dict:
-        metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        metadata = metadata_of(context)
         self.service.check_api_key(api_key_from(metadata.get("x-api-key"), metadata.get("authorization")))
         return metadata
+
+    def call_span(self, context: grpc.aio.ServicerContext, method: str):
+        """The server span of a call (a unary request, or a whole stream), continuing the caller's trace."""
+        attributes = grpc_attributes(self.service_name, method)
+        return self.metrics.tracing.request(f"{self.service_name}/{method}", metadata_of(context), attributes)
+
+    async def in_frame_span(self, method: str, work: Awaitable):
+        """Await a stream frame's `work` in a trace of its own, linked to the stream's span."""
+        attributes = grpc_attributes(self.service_name, method)
+        with self.metrics.tracing.request(f"{self.service_name}/{method} frame", None, attributes, new_trace=True):
+            return await work
 
     async def fail(self, context: grpc.aio.ServicerContext, error: ServiceError) -> None:
         self.service.count_rejection(error)
@@ -199,26 +218,27 @@ class ServicerBase:
             await self.fail(context, exc)
 
     @contextlib.asynccontextmanager
-    async def unary_call(self, context: grpc.aio.ServicerContext, protocol: str):
-        """A unary call's accounting, shared by Segment and ModelInfer: the in-flight gauge, its
-        duration by (model, status), and a ServiceError answered as its status. The label stays
-        "none" until the body sets `call.model` to a resolved name (a client's own name never
+    async def unary_call(self, context: grpc.aio.ServicerContext, protocol: str, method: str):
+        """A unary call's accounting, shared by Segment and ModelInfer: its trace span, the in-flight
+        gauge, its duration by (model, status), and a ServiceError answered as its status. The label
+        stays "none" until the body sets `call.model` to a resolved name (a client's own name never
         becomes a label), then to what ran."""
         call = UnaryCall("none", time.perf_counter())
         code = "INTERNAL"
         self.metrics.in_flight.inc()
-        try:
-            yield call
-            code = "OK"
-        except ServiceError as exc:
-            code = exc.grpc_status
-            await self.fail(context, exc)
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        finally:
-            self.metrics.in_flight.dec()
-            self.observe(call.model, protocol, code, call.started)
+        with self.call_span(context, method):
+            try:
+                yield call
+                code = "OK"
+            except ServiceError as exc:
+                code = exc.grpc_status
+                await self.fail(context, exc)
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            finally:
+                self.metrics.in_flight.dec()
+                self.observe(call.model, protocol, code, call.started)
 
     def observe(self, model: str, protocol: str, code: str, started: float) -> float:
         """Count a finished call in the request metrics; returns its seconds."""
@@ -226,19 +246,27 @@ class ServicerBase:
         self.metrics.observe_request(model, protocol, code, elapsed)
         return elapsed
 
-    async def serve_stream(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
-        """A bidirectional stream run by the subclass's `_stream`: the active-stream gauge, and the
-        errors that end a stream (a refusal, or no message for --stream-idle-seconds) as statuses."""
+    async def serve_stream(self, request_iterator, context: grpc.aio.ServicerContext, method: str) -> None:
+        """A bidirectional stream run by the subclass's `_stream`: its span, the active-stream gauge,
+        and the errors that end a stream (a refusal, or no message for --stream-idle-seconds) as statuses."""
         self.metrics.streams_active.inc()
-        try:
-            await self._stream(request_iterator, context)
-        except ServiceError as exc:
-            await self.fail(context, exc)
-        except StreamIdle as exc:
-            self.metrics.rejected.labels("stream_idle").inc()
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{exc} (--stream-idle-seconds)")
-        finally:
-            self.metrics.streams_active.dec()
+        code = "OK"
+        with self.call_span(context, method):
+            try:
+                await self._stream(request_iterator, context)
+            except ServiceError as exc:
+                code = exc.grpc_status
+                await self.fail(context, exc)
+            except StreamIdle as exc:
+                code = "DEADLINE_EXCEEDED"
+                self.metrics.rejected.labels("stream_idle").inc()
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{exc} (--stream-idle-seconds)")
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            finally:
+                self.metrics.streams_active.dec()
+                self.metrics.tracing.outcome(code)
 
 
 class SegmentationServicer(ServicerBase, pb_grpc.SegmentationServicer):
@@ -284,7 +312,7 @@ class SegmentationServicer(ServicerBase, pb_grpc.SegmentationServicer):
 
     # -- unary -----------------------------------------------------------------------------------
     async def Segment(self, request: pb.SegmentRequest, context: grpc.aio.ServicerContext) -> pb.SegmentResponse:
-        async with self.unary_call(context, "grpc") as call:
+        async with self.unary_call(context, "grpc", "Segment") as call:
             self.authorize(context)
             check_decoded(request)
             options = self.service.options(request.model, request.tta, priority=request.priority)
@@ -318,7 +346,7 @@ class SegmentationServicer(ServicerBase, pb_grpc.SegmentationServicer):
 
     # -- streaming -------------------------------------------------------------------------------
     async def StreamSegment(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
-        await self.serve_stream(request_iterator, context)
+        await self.serve_stream(request_iterator, context, "StreamSegment")
 
     async def _stream(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         metadata = self.authorize(context)
@@ -342,7 +370,7 @@ class SegmentationServicer(ServicerBase, pb_grpc.SegmentationServicer):
         choice = StreamState()  # model=auto / tta=auto: the stream's mode, kept with hysteresis
         frames = OrderedStream(
             self._frames(first, requests, model),
-            lambda f: self._serve_frame(f, options, link, choice),
+            lambda f: self.in_frame_span("StreamSegment", self._serve_frame(f, options, link, choice)),
             policy=policy,
             max_in_flight=limit,
             idle_timeout=idle,

@@ -157,6 +157,8 @@ class StreamRequest:
 
 
 class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
+    service_name = SERVICE_NAME
+
     def model_of(self, name: str, version: str, allow_auto: bool = False) -> str:
         return v2_model(self.service, name, version, allow_auto)
 
@@ -242,7 +244,7 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
 
     # -- inference -------------------------------------------------------------------------------
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext):
-        async with self.unary_call(context, "v2_grpc") as call:
+        async with self.unary_call(context, "v2_grpc", "ModelInfer") as call:
             self.authorize(context)
             call.model = self.model_of(request.model_name, request.model_version, allow_auto=True)
             response = await self.run(request, call.model, "v2_grpc", context.time_remaining())
@@ -250,7 +252,7 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
             return response
 
     async def ModelStreamInfer(self, request_iterator, context: grpc.aio.ServicerContext):
-        await self.serve_stream(request_iterator, context)
+        await self.serve_stream(request_iterator, context, "ModelStreamInfer")
 
     async def _stream(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         policy, limit = stream_options(self.authorize(context))
@@ -259,7 +261,7 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
         link = self.service.dispatcher.pick_link()  # one worker per stream: one queue, one order
         requests = OrderedStream(
             self._requests(request_iterator),
-            lambda r: self._serve(r, link),
+            lambda r: self.in_frame_span("ModelStreamInfer", self._serve(r, link)),
             policy=policy or "latest",
             max_in_flight=limit or DEFAULT_MAX_IN_FLIGHT,
             idle_timeout=self.settings.stream_idle_seconds or None,

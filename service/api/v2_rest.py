@@ -21,6 +21,7 @@ from .. import __version__
 from ..choice import AUTO
 from ..core import SegmentationService
 from ..errors import ServiceError
+from ..tracing import http_attributes
 from . import v2_tensors as tensors
 from .auth import api_key_from
 from .http_body import read_limited
@@ -283,37 +284,39 @@ def add_v2_routes(app: FastAPI, service: SegmentationService) -> None:
         start = time.perf_counter()
         name, status = "none", 500
         metrics.in_flight.inc()
-        try:
-            authorize(request)
-            name = v2_model(service, model, version, allow_auto=True)
-            encoding = request.headers.get("content-encoding", "identity").lower()
-            if encoding != "identity":
-                raise ServiceError("unsupported_media_type", f"Content-Encoding {encoding!r} is not supported")
-            body = await read_limited(request, body_limit(service))
-            header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
-            options = request_options(json_parameters(header, "the request"))
-            items = tensors.batch_items(parse_inputs(header, binary, service), service.settings)
-            output_names, binary_outputs, places = parse_outputs(header)
-            regions = output_regions(service, places)
-            served = await service.segment_batch(name, PROTOCOL, items, **options)
-            name = served[0].model  # what ran (the choice when the request said auto)
-            encode_start = time.perf_counter()
-            outputs = await service.run_in_pool(
-                tensors.output_tensors, [s.result.labels for s in served], class_count(service, name), output_names
-            )
-            response = infer_response(
-                name, header.get("id"), outputs, binary_outputs, ran_parameters(served), places, regions
-            )
-            metrics.observe_outputs("v2", served, time.perf_counter() - encode_start)
-            status = 200
-            return response
-        except ServiceError as exc:
-            status = exc.http_status
-            service.count_rejection(exc)
-            return v2_error(exc)
-        finally:
-            metrics.in_flight.dec()
-            metrics.observe_request(name, PROTOCOL, str(status), time.perf_counter() - start)
+        route = getattr(request.scope.get("route"), "path", "/v2/models/{model}/infer")  # the template
+        with metrics.tracing.request(f"POST {route}", request.headers, http_attributes("POST", route)):
+            try:
+                authorize(request)
+                name = v2_model(service, model, version, allow_auto=True)
+                encoding = request.headers.get("content-encoding", "identity").lower()
+                if encoding != "identity":
+                    raise ServiceError("unsupported_media_type", f"Content-Encoding {encoding!r} is not supported")
+                body = await read_limited(request, body_limit(service))
+                header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
+                options = request_options(json_parameters(header, "the request"))
+                items = tensors.batch_items(parse_inputs(header, binary, service), service.settings)
+                output_names, binary_outputs, places = parse_outputs(header)
+                regions = output_regions(service, places)
+                served = await service.segment_batch(name, PROTOCOL, items, **options)
+                name = served[0].model  # what ran (the choice when the request said auto)
+                encode_start = time.perf_counter()
+                outputs = await service.run_in_pool(
+                    tensors.output_tensors, [s.result.labels for s in served], class_count(service, name), output_names
+                )
+                response = infer_response(
+                    name, header.get("id"), outputs, binary_outputs, ran_parameters(served), places, regions
+                )
+                metrics.observe_outputs("v2", served, time.perf_counter() - encode_start)
+                status = 200
+                return response
+            except ServiceError as exc:
+                status = exc.http_status
+                service.count_rejection(exc)
+                return v2_error(exc)
+            finally:
+                metrics.in_flight.dec()
+                metrics.observe_request(name, PROTOCOL, str(status), time.perf_counter() - start)
 
 
 def add_shared_memory_routes(app: FastAPI, regions: SharedMemoryRegions, keyed, tags: list[str]) -> None:

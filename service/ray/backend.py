@@ -26,6 +26,7 @@ from ..config import ALIASES, Settings
 from ..core import DEFAULT_TIMEOUT, Served
 from ..errors import CODES, ServiceError
 from ..metrics import Metrics
+from ..tracing import Tracing
 from ..worker.link import Result
 
 log = logging.getLogger("service.ray")
@@ -45,7 +46,7 @@ class RayBackedService:
         self.settings = settings
         self.handles = handles  # model name -> DeploymentHandle of its segmentation deployment
         self.replica_max_ongoing = replica_max_ongoing  # requests each segmentation replica takes at once
-        self.metrics = Metrics(settings.budget_seconds)
+        self.metrics = Metrics(settings.budget_seconds, tracing=Tracing.from_settings(settings))
         self.metrics.start_series(list(handles), [], sorted({reason for _, _, reason in CODES.values()}))
         self.dispatcher = _NotDraining()
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="codec")
@@ -128,15 +129,15 @@ class RayBackedService:
             raise ServiceError("unauthorized", "missing or wrong API key")
 
     def count_rejection(self, error: ServiceError) -> None:
-        self.metrics.rejected.labels(error.reason).inc()
+        self.metrics.observe_rejection(error)
 
     async def run_in_pool(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     def _decode(self, data: bytes) -> tuple[np.ndarray, ray.ObjectRef, float]:
-        start = time.perf_counter()
+        start = time.monotonic()
         rgb = imaging.decode_image(data, self.settings.max_pixels)
-        decoded = time.perf_counter() - start
+        decoded = time.monotonic() - start
         return rgb, ray.put(rgb), decoded  # the pixels travel through the object store, as they are
 
     async def segment(
@@ -159,6 +160,7 @@ class RayBackedService:
         deadline = admitted + deadline_ms / 1000 if deadline_ms else None
         self.metrics.queue_depth.labels(model).inc()
         try:
+            decode_started = time.monotonic()
             if rgb is None:
                 image, ref, decode_s = await self.run_in_pool(self._decode, data)
             else:  # raw pixels (v2 RGB tensors), checked by the front door
@@ -178,8 +180,11 @@ class RayBackedService:
         self.metrics.inference.labels(model).observe(timings["inference"])
         if reply.get("first_of_batch"):
             self.metrics.observe_batch(model, reply["batch_size"], 0.0, timings["inference"], 0.0)
-        result = Result(np.asarray(reply["labels"]), model, timings, reply["batch_size"])
-        return Served(result, image, {"decode": decode_s, **timings}, options.tta)
+        # The replica's clock is another host's: its batch is placed by its durations, ending now.
+        started = time.monotonic() - timings["inference"]
+        labels = np.asarray(reply["labels"])
+        result = Result(labels, model, timings, reply["batch_size"], 0.0, started - timings["queue"], started)
+        return Served(result, image, {"decode": decode_s, **timings}, options.tta, None, decode_started)
 
     def _admit(self, model: str) -> None:
         """Count the request in, or refuse it when this ingress already has every running replica's

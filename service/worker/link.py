@@ -40,6 +40,8 @@ class Result:
     timings: dict  # seconds: queue, inference
     batch_size: int
     prepare: float = 0.0  # seconds of `inference` the worker spent preparing the batch's inputs
+    arrival: float = 0.0  # time.monotonic() when the request was sent to the worker
+    started: float = 0.0  # ... when its batch started (the worker's clock is the same clock)
 
 
 @dataclass
@@ -413,7 +415,8 @@ class Dispatcher:
         timings = {"queue": max(info["start"] - p.job.arrival, 0.0), "inference": info["infer"]}
         self.metrics.queue_wait.labels(p.job.model).observe(timings["queue"])
         self.metrics.inference.labels(p.job.model).observe(info["infer"])
-        self.finish(p, Result(labels, p.job.model, timings, info["size"], info["prepare"]))
+        result = Result(labels, p.job.model, timings, info["size"], info["prepare"], p.job.arrival, info["start"])
+        self.finish(p, result)
 
     def release_slot(self, slot: Slot) -> None:
         """Give a slot back to the pool and keep the gauge in step."""

@@ -1,0 +1,216 @@
+"""OpenTelemetry tracing against a real OTLP/HTTP receiver on 127.0.0.1: the service's spans for
+REST, gRPC, KServe v2 and stream frames, the caller's traceparent continued, the phases as children
+in time order, sampling, refusals, and a collector that is down harming nothing."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import grpc
+import httpx
+import pytest
+from opentelemetry import trace
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
+from service.bench.processes import free_port
+from service.config import ConfigError, load_settings
+from service.proto import segmentation_pb2 as pb
+from service.proto import segmentation_pb2_grpc as pb_grpc
+from service.tracing import Tracing
+from tests.otlp import EXPORT_ENV, attributes, by_name, check_phases, traceparent
+from tests.servicekit import FAST_ARGS, Service, png, wait_for
+
+MODEL = "bisenetv1_r18"
+SEGMENT_RPC = "bisenet.v1.Segmentation"
+
+
+@pytest.fixture(scope="module")
+def traced(receiver):
+    args = [*FAST_ARGS, "--model", f"{MODEL}=random", "--max-batch", "4", "--trace-endpoint", receiver.url]
+    svc = Service(args, env=EXPORT_ENV).wait_ready()
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="module")
+def image(photo) -> bytes:
+    return png(photo[:96, :128])
+
+
+def test_rest_request_continues_the_callers_trace_with_its_phases(receiver, traced, image):
+    trace_id, caller, header = traceparent()
+    r = httpx.post(f"{traced.url}/segment", content=image, headers={"content-type": "image/png", "traceparent": header})
+    assert r.status_code == 200
+    spans = receiver.trace(trace_id, 5)
+    server = by_name(spans)["POST /segment"][0]
+    assert server.parent_span_id == caller and server.kind == Span.SPAN_KIND_SERVER
+    attrs = attributes(server.attributes)
+    assert attrs["http.route"] == "/segment" and attrs["http.request.method"] == "POST"
+    assert attrs["http.response.status_code"] == 200 and attrs["bisenet.model"] == MODEL
+    assert server.status.code != Status.STATUS_CODE_ERROR
+    check_phases(spans, server, MODEL)
+    resource = next(res for res, span in receiver.spans if span.span_id == server.span_id)
+    assert resource["service.name"] == "bisenet-serve"
+
+
+def test_grpc_segment_continues_the_trace_in_its_metadata(receiver, traced, image):
+    trace_id, caller, header = traceparent()
+    with grpc.insecure_channel(traced.grpc_target) as channel:
+        stub = pb_grpc.SegmentationStub(channel)
+        response = stub.Segment(pb.SegmentRequest(encoded=image), metadata=(("traceparent", header),), timeout=60)
+    assert response.height == 96
+    spans = receiver.trace(trace_id, 5)
+    server = by_name(spans)[f"{SEGMENT_RPC}/Segment"][0]
+    assert server.parent_span_id == caller
+    attrs = attributes(server.attributes)
+    assert attrs["rpc.system"] == "grpc" and attrs["rpc.method"] == "Segment" and attrs["rpc.grpc.status_code"] == 0
+    check_phases(spans, server, MODEL)
+
+
+def test_a_v2_request_of_two_images_has_the_phases_of_each(receiver, traced, photo):
+    trace_id, caller, header = traceparent()
+    images = [base64.b64encode(png(photo[:64, :96])).decode(), base64.b64encode(png(photo[64:128, :96])).decode()]
+    body = {"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [2, 1], "data": images}]}
+    r = httpx.post(
+        f"{traced.url}/v2/models/{MODEL}/infer", content=json.dumps(body), headers={"traceparent": header}, timeout=60
+    )
+    assert r.status_code == 200, r.text
+    spans = receiver.trace(trace_id, 1 + 2 * 3 + 1)
+    server = by_name(spans)["POST /v2/models/{model}/infer"][0]
+    assert server.parent_span_id == caller
+    assert attributes(server.attributes)["http.route"] == "/v2/models/{model}/infer"
+    check_phases(spans, server, MODEL, images=2)
+
+
+def test_stream_frames_are_traces_of_their_own_linked_to_the_stream(receiver, traced, image):
+    trace_id, caller, header = traceparent()
+    with grpc.insecure_channel(traced.grpc_target) as channel:
+        stub = pb_grpc.SegmentationStub(channel)
+        frames = (pb.SegmentRequest(encoded=image, frame_id=i) for i in range(3))
+        replies = list(stub.StreamSegment(frames, metadata=(("traceparent", header), ("drop-policy", "block"))))
+    assert [r.frame_id for r in replies] == [0, 1, 2] and not any(r.HasField("error") for r in replies)
+    stream = receiver.trace(trace_id, 1)
+    assert [s.name for s in stream] == [f"{SEGMENT_RPC}/StreamSegment"]
+    assert stream[0].parent_span_id == caller and attributes(stream[0].attributes)["rpc.grpc.status_code"] == 0
+
+    def linked() -> list[Span]:
+        with receiver.lock:
+            return [s for _, s in receiver.spans if any(link.span_id == stream[0].span_id for link in s.links)]
+
+    wait_for(lambda: len(linked()) == 3, "three frame spans linked to the stream")
+    frames = linked()
+    assert {s.name for s in frames} == {f"{SEGMENT_RPC}/StreamSegment frame"}
+    assert len({s.trace_id for s in frames}) == 3 and trace_id not in {s.trace_id for s in frames}
+    for frame in frames:
+        assert frame.links[0].trace_id == trace_id
+        check_phases(receiver.trace(frame.trace_id, 5), frame, MODEL)
+
+
+def test_a_refused_request_says_why_and_a_client_error_is_not_a_server_error(receiver, traced):
+    trace_id, _, header = traceparent()
+    r = httpx.post(
+        f"{traced.url}/segment",
+        content=b"\x89PNG not really",
+        headers={"content-type": "image/png", "traceparent": header},
+    )
+    assert r.status_code == 400
+    (server,) = receiver.trace(trace_id, 1)
+    attrs = attributes(server.attributes)
+    assert attrs["http.response.status_code"] == 400 and attrs["error.type"] == "invalid_image"
+    assert server.status.code == Status.STATUS_CODE_UNSET  # 4xx: the caller's fault (OpenTelemetry's HTTP rules)
+    (event,) = server.events
+    assert event.name == "refused" and attributes(event.attributes)["bisenet.error.code"] == "invalid_image"
+
+    trace_id, _, header = traceparent()
+    with grpc.insecure_channel(traced.grpc_target) as channel:
+        stub = pb_grpc.SegmentationStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Segment(pb.SegmentRequest(encoded=b"junk", model="nope"), metadata=(("traceparent", header),))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    (server,) = receiver.trace(trace_id, 1)
+    assert attributes(server.attributes)["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
+    assert attributes(server.attributes)["error.type"] == "not_found"
+
+
+def test_an_unsampled_caller_is_not_traced(receiver, traced, image):
+    trace_id, _, header = traceparent(sampled=False)
+    r = httpx.post(f"{traced.url}/segment", content=image, headers={"content-type": "image/png", "traceparent": header})
+    assert r.status_code == 200
+    marker, _, marked = traceparent()  # a later traced request: once it is in, the first would be too
+    httpx.post(f"{traced.url}/segment", content=image, headers={"content-type": "image/png", "traceparent": marked})
+    receiver.trace(marker, 5)
+    assert receiver._of(trace_id) == []
+
+
+def test_rate_zero_traces_only_callers_that_ask(receiver, image):
+    args = [*FAST_ARGS, "--model", f"{MODEL}=random", "--trace-endpoint", receiver.url, "--trace-rate", "0"]
+    svc = Service(args, env=EXPORT_ENV).wait_ready()
+    try:
+        before = len(receiver.spans)
+        for _ in range(3):
+            r = httpx.post(f"{svc.url}/segment", content=image, headers={"content-type": "image/png"})
+            assert r.status_code == 200
+        trace_id, caller, header = traceparent()
+        headers = {"content-type": "image/png", "traceparent": header}
+        assert httpx.post(f"{svc.url}/segment", content=image, headers=headers).status_code == 200
+        spans = receiver.trace(trace_id, 5)
+        assert by_name(spans)["POST /segment"][0].parent_span_id == caller
+        with receiver.lock:
+            new = receiver.spans[before:]
+        assert {span.trace_id for _, span in new} == {trace_id}  # the three without a traceparent: none
+    finally:
+        svc.stop()
+
+
+def test_a_collector_that_is_down_harms_nothing(image):
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    args = [*FAST_ARGS, "--model", f"{MODEL}=random", "--trace-endpoint", down, "--drain-seconds", "5"]
+    svc = Service(args, env=EXPORT_ENV).wait_ready()
+    try:
+        for _ in range(5):
+            r = httpx.post(f"{svc.url}/segment", content=image, headers={"content-type": "image/png"})
+            assert r.status_code == 200
+        time.sleep(0.5)  # an export has failed by now
+        assert httpx.get(f"{svc.url}/readyz").status_code == 200
+    finally:
+        started = time.monotonic()
+        code = svc.stop()
+    assert code == 0 and time.monotonic() - started < 30  # the unsent spans do not hold up the exit
+
+
+def test_trace_settings_are_checked_at_start():
+    assert load_settings([]).trace_endpoint is None
+    assert load_settings(["--trace-endpoint", "http://jaeger:4318"]).trace_endpoint == "http://jaeger:4318/v1/traces"
+    assert load_settings(["--trace-endpoint", "https://c/otlp/v1/traces"]).trace_endpoint == "https://c/otlp/v1/traces"
+    for bad, message in (
+        (["--trace-endpoint", "jaeger:4318"], "expected an OTLP/HTTP URL"),
+        (["--trace-endpoint", "grpc://jaeger:4317"], "expected an OTLP/HTTP URL"),
+        (["--trace-endpoint", "http://jaeger:port"], "port is not a number"),
+        (["--trace-rate", "1.5"], "must be at most 1"),
+        (["--trace-rate", "-1"], "must be at least 0"),
+        (["--trace-rate", "half"], "expected a float"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_settings(bad)
+
+
+def test_opentelemetrys_own_variables_set_the_endpoint_below_the_services(monkeypatch):
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")
+    assert load_settings([]).trace_endpoint == "http://collector:4318/v1/traces"
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://collector:4318/custom/traces")
+    assert load_settings([]).trace_endpoint == "http://collector:4318/custom/traces"
+    monkeypatch.setenv("BISENET_TRACE_ENDPOINT", "http://mine:4318")
+    assert load_settings([]).trace_endpoint == "http://mine:4318/v1/traces"
+    assert load_settings(["--trace-endpoint", ""]).trace_endpoint is None  # off, whatever the environment says
+
+
+def test_without_an_endpoint_spans_record_nothing():
+    tracing = Tracing()
+    assert tracing.provider is None
+    with tracing.request("POST /segment", {}, {}):
+        assert not trace.get_current_span().is_recording()
+        tracing.outcome("200", MODEL, "http")  # nothing to annotate, and no error
+        tracing.phases([], 0.001)
+    tracing.shutdown()
