@@ -138,9 +138,9 @@ def load_parity_tool():
 
 @pytest.fixture(scope="module")
 def receiver():
-    """An OTLP/HTTP trace receiver on 127.0.0.1 (tests/otlp.py) for the module's traced services."""
-    from tests.otlp import Receiver
+    """An OTLP/HTTP trace receiver on 127.0.0.1 for the module's traced services."""
+    from service.bench.trace_sink import TraceSink
 
-    receiver = Receiver()
+    receiver = TraceSink()
     yield receiver
-    receiver.server.shutdown()
+    receiver.close()

@@ -1,73 +1,16 @@
-"""A real OTLP/HTTP trace receiver on 127.0.0.1 and checks of the spans the service sends it
-(tests/test_tracing.py; tests/test_ray_cluster.py for the Ray ingress)."""
+"""Checks of the spans the service sends a real OTLP/HTTP receiver (service/bench/trace_sink.py), for
+tests/test_tracing.py and tests/test_ray_cluster.py (the Ray ingress)."""
 
 from __future__ import annotations
 
-import http.server
 import secrets
-import threading
-import time
 
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from tests.servicekit import wait_for
+from service.bench.trace_sink import attributes
 
 EXPORT_ENV = {"OTEL_BSP_SCHEDULE_DELAY": "100"}  # the service exports every 0.1 s, not 5 s
 SLACK_NS = 3_000_000  # phases are placed from measured durations; their edges may differ by this much
-
-
-class Receiver:
-    """An OTLP/HTTP trace receiver: keeps every span posted to /v1/traces, with its resource."""
-
-    def __init__(self):
-        self.spans: list[tuple[dict, Span]] = []  # (resource attributes, span)
-        self.lock = threading.Lock()
-        receiver = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                export = ExportTraceServiceRequest.FromString(body)
-                with receiver.lock:
-                    for resource_spans in export.resource_spans:
-                        resource = attributes(resource_spans.resource.attributes)
-                        for scope_spans in resource_spans.scope_spans:
-                            receiver.spans += [(resource, span) for span in scope_spans.spans]
-                reply = ExportTraceServiceResponse().SerializeToString()
-                self.send_response(200 if self.path == "/v1/traces" else 404)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def trace(self, trace_id: bytes, count: int, timeout: float = 20.0) -> list[Span]:
-        """The spans of one trace, once `count` of them have arrived."""
-        wait_for(lambda: len(self._of(trace_id)) >= count, f"{count} spans of trace {trace_id.hex()}", timeout)
-        time.sleep(0.3)  # and no more than that
-        return self._of(trace_id)
-
-    def _of(self, trace_id: bytes) -> list[Span]:
-        with self.lock:
-            return [span for _, span in self.spans if span.trace_id == trace_id]
-
-
-def attributes(kvs) -> dict:
-    out = {}
-    for kv in kvs:
-        kind = kv.value.WhichOneof("value")
-        out[kv.key] = getattr(kv.value, kind) if kind else None
-    return out
 
 
 def traceparent(sampled: bool = True) -> tuple[bytes, bytes, str]:

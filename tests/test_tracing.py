@@ -15,11 +15,12 @@ from opentelemetry import trace
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from service.bench.processes import free_port
+from service.bench.trace_sink import attributes
 from service.config import ConfigError, load_settings
 from service.proto import segmentation_pb2 as pb
 from service.proto import segmentation_pb2_grpc as pb_grpc
 from service.tracing import Tracing
-from tests.otlp import EXPORT_ENV, attributes, by_name, check_phases, traceparent
+from tests.otlp import EXPORT_ENV, by_name, check_phases, traceparent
 from tests.servicekit import FAST_ARGS, Service, png, wait_for
 
 MODEL = "bisenetv1_r18"
@@ -141,7 +142,7 @@ def test_an_unsampled_caller_is_not_traced(receiver, traced, image):
     marker, _, marked = traceparent()  # a later traced request: once it is in, the first would be too
     httpx.post(f"{traced.url}/segment", content=image, headers={"content-type": "image/png", "traceparent": marked})
     receiver.trace(marker, 5)
-    assert receiver._of(trace_id) == []
+    assert receiver.of_trace(trace_id) == []
 
 
 def test_rate_zero_traces_only_callers_that_ask(receiver, image):
