@@ -14,10 +14,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..core import SegmentationService, Served
 from ..errors import CODES, DESCRIPTIONS, ServiceError
-from ..tracing import http_attributes
 from . import imaging
 from .auth import api_key_from
 from .http_body import discard_body, read_limited
+from .http_call import http_call
 from .v2_rest import add_v2_routes
 from .web import add_web_page
 
@@ -45,7 +45,6 @@ def error_responses() -> dict:
 
 
 ERROR_RESPONSES = error_responses()
-SEGMENT_SPAN = http_attributes("POST", "/segment")
 SEGMENT_BODY = {
     "requestBody": {
         "required": True,
@@ -155,29 +154,23 @@ def create_app(service: SegmentationService) -> FastAPI:
         x_api_key: str | None = Header(None),
         authorization: str | None = Header(None),
     ):
-        start = time.perf_counter()
-        name, status = "none", 500
-        metrics.in_flight.inc()
-        with metrics.tracing.request("POST /segment", request.headers, SEGMENT_SPAN):
+        with http_call(metrics, request, "/segment", "http") as call:
             try:
                 service.check_api_key(api_key_from(x_api_key, authorization))
                 options = service.options(model, tta, deadline_ms, priority)
-                name = options.model
+                call.model = options.model
                 data = await image_bytes(request, service.settings.max_image_bytes)
                 served = await service.segment(options, "http", data=data)
-                name = served.model
-                response = await encode_response(service, served, name, format)
-                status = 200
+                call.model = served.model
+                response = await encode_response(service, served, call.model, format)
+                call.status = 200
                 return response
             except ServiceError as exc:
-                status = exc.http_status
+                call.status = exc.http_status
                 service.count_rejection(exc)
                 if exc.code != "too_large":  # a body over the limit is not read on
                     await discard_body(request, service.settings.max_image_bytes + MULTIPART_OVERHEAD)
                 return error_response(exc)
-            finally:
-                metrics.in_flight.dec()
-                metrics.observe_request(name, "http", str(status), time.perf_counter() - start)
 
     @app.get("/models", summary="Served models, classes, palette, weights and captured graphs")
     async def models(x_api_key: str | None = Header(None), authorization: str | None = Header(None)):

@@ -21,10 +21,10 @@ from .. import __version__
 from ..choice import AUTO
 from ..core import SegmentationService
 from ..errors import ServiceError
-from ..tracing import http_attributes
 from . import v2_tensors as tensors
 from .auth import api_key_from
 from .http_body import read_limited
+from .http_call import http_call
 from .v2_params import ran_parameters, request_options
 from .v2_shm import Place, SharedMemoryRegions, output_regions, place_of, regions_of
 
@@ -281,14 +281,11 @@ def add_v2_routes(app: FastAPI, service: SegmentationService) -> None:
 
     @routes("/infer", "POST", summary="Inference with JSON or binary tensors")
     async def infer(request: Request, model: str, version: str = ""):
-        start = time.perf_counter()
-        name, status = "none", 500
-        metrics.in_flight.inc()
         route = getattr(request.scope.get("route"), "path", "/v2/models/{model}/infer")  # the template
-        with metrics.tracing.request(f"POST {route}", request.headers, http_attributes("POST", route)):
+        with http_call(metrics, request, route, PROTOCOL) as call:
             try:
                 authorize(request)
-                name = v2_model(service, model, version, allow_auto=True)
+                call.model = v2_model(service, model, version, allow_auto=True)
                 encoding = request.headers.get("content-encoding", "identity").lower()
                 if encoding != "identity":
                     raise ServiceError("unsupported_media_type", f"Content-Encoding {encoding!r} is not supported")
@@ -298,25 +295,25 @@ def add_v2_routes(app: FastAPI, service: SegmentationService) -> None:
                 items = tensors.batch_items(parse_inputs(header, binary, service), service.settings)
                 output_names, binary_outputs, places = parse_outputs(header)
                 regions = output_regions(service, places)
-                served = await service.segment_batch(name, PROTOCOL, items, **options)
-                name = served[0].model  # what ran (the choice when the request said auto)
+                served = await service.segment_batch(call.model, PROTOCOL, items, **options)
+                call.model = served[0].model  # what ran (the choice when the request said auto)
                 encode_start = time.perf_counter()
                 outputs = await service.run_in_pool(
-                    tensors.output_tensors, [s.result.labels for s in served], class_count(service, name), output_names
+                    tensors.output_tensors,
+                    [s.result.labels for s in served],
+                    class_count(service, call.model),
+                    output_names,
                 )
                 response = infer_response(
-                    name, header.get("id"), outputs, binary_outputs, ran_parameters(served), places, regions
+                    call.model, header.get("id"), outputs, binary_outputs, ran_parameters(served), places, regions
                 )
                 metrics.observe_outputs("v2", served, time.perf_counter() - encode_start)
-                status = 200
+                call.status = 200
                 return response
             except ServiceError as exc:
-                status = exc.http_status
+                call.status = exc.http_status
                 service.count_rejection(exc)
                 return v2_error(exc)
-            finally:
-                metrics.in_flight.dec()
-                metrics.observe_request(name, PROTOCOL, str(status), time.perf_counter() - start)
 
 
 def add_shared_memory_routes(app: FastAPI, regions: SharedMemoryRegions, keyed, tags: list[str]) -> None:
