@@ -126,6 +126,14 @@ class Tracing:
             span.set_status(Status(StatusCode.ERROR))
 
     @staticmethod
+    def exemplar() -> dict[str, str] | None:
+        """The current request's trace id as a Prometheus exemplar's labels, when it is being traced."""
+        span = trace.get_current_span()
+        if not span.is_recording():
+            return None
+        return {"trace_id": format(span.get_span_context().trace_id, "032x")}
+
+    @staticmethod
     def rejected(code: str, message: str) -> None:
         """A request (or a stream frame) refused with the service's error `code`."""
         span = trace.get_current_span()

@@ -531,7 +531,7 @@ def sub_grafana_vars(expr: str, rate_interval: str = "1m") -> str:
 def test_service_registry_declares_every_used_metric(yaml):
     from service.metrics import Metrics
 
-    families, _ = parse_exposition(Metrics(1 / 30).exposition().decode())
+    families, _ = parse_exposition(Metrics(1 / 30).exposition()[0].decode())
     exported = exported_names(families) | PROMETHEUS_MADE
     assert set(CONTRACT) <= set(families), f"missing from service/metrics.py: {set(CONTRACT) - set(families)}"
     for where, expr in dashboard_exprs() + rule_exprs(yaml):
@@ -665,14 +665,16 @@ def run_until_stopped(cmd, env, log, ready_url: str, ready_s: float, stop_s: flo
 
 
 @pytest.fixture(scope="module")
-def live_service(tmp_path_factory):
-    """`python -m service` with random R18 weights on the CPU, on loopback, until /readyz says 200."""
+def live_service(tmp_path_factory, receiver):
+    """`python -m service` with random R18 weights on the CPU, on loopback, until /readyz says 200;
+    it traces to a local OTLP receiver, so its latency buckets carry exemplars."""
     if not HAS_SERVICE:
         pytest.skip("the service package (python -m service) is not there yet")
     http_port = free_port()
     log = tmp_path_factory.mktemp("service") / "service.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("BISENET_")}
     args = ["--model", "bisenetv1_r18=random", "--device", "cpu", "--warm-shapes", "64x128", "--max-batch", "2"]
+    args += ["--trace-endpoint", receiver.url, "--trace-rate", "0"]  # traced when the caller asks
     base = f"http://127.0.0.1:{http_port}"
     with run_until_stopped(service_command(http_port, free_port(), args), env, log, base + "/readyz", 200, 30):
         yield base
@@ -783,15 +785,41 @@ def live_prometheus(live_service, yaml, tmp_path_factory):
         address = service_addr if job["job_name"] == "bisenet-serve" else f"127.0.0.1:{port}"
         job["static_configs"] = [{"targets": [address]}]
     (work / "prometheus.yml").write_text(yaml.safe_dump(config))
+    features = [a for a in load_compose(yaml, "gpu")["services"]["prometheus"]["command"] if "--enable-feature" in a]
     cmd = [
         prometheus,
         f"--config.file={work / 'prometheus.yml'}",
         f"--storage.tsdb.path={work / 'data'}",
         f"--web.listen-address=127.0.0.1:{port}",
+        *features,  # as compose runs it: exemplar storage
     ]
     base = f"http://127.0.0.1:{port}"
     with run_until_stopped(cmd, os.environ, work / "prometheus.log", base + "/-/ready", 60, 20):
         yield base
+
+
+def test_live_prometheus_keeps_exemplars_that_name_the_requests_trace(live_service, live_prometheus, receiver):
+    """A traced request's latency bucket carries its trace id; Prometheus (with compose's exemplar
+    storage) keeps it, and the trace itself reached the collector: Grafana's link works end to end."""
+    import secrets
+
+    import httpx
+
+    trace_id = secrets.token_hex(16)
+    headers = {"content-type": "image/png", "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"}
+    assert httpx.post(f"{live_service}/segment", content=png_bytes(), headers=headers, timeout=60).status_code == 200
+
+    def exemplar_trace_ids() -> set[str]:
+        now = time.time()
+        r = httpx.get(
+            live_prometheus + "/api/v1/query_exemplars",
+            params={"query": "seg_request_duration_seconds_bucket", "start": now - 300, "end": now + 60},
+            timeout=10,
+        )
+        return {e["labels"]["trace_id"] for series in r.json()["data"] for e in series["exemplars"]}
+
+    wait_for(lambda: trace_id in exemplar_trace_ids(), 30, "Prometheus to store the request's exemplar")
+    receiver.trace(bytes.fromhex(trace_id), 1, timeout=30)  # the trace the exemplar points to exists
 
 
 def query(prom: str, expr: str) -> list[dict]:

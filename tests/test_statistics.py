@@ -80,6 +80,6 @@ def test_metrics_split_each_image_into_phases():
     assert s["compute_output"] == {"count": 2, "ns": 6_000_000}  # 3 ms each
     assert s["success"]["count"] == 2 and s["fail"]["count"] == 1
     assert m["batch_stats"][0]["compute_infer"]["ns"] == 20_000_000
-    text = metrics.exposition().decode()
+    text = metrics.exposition()[0].decode()
     assert 'seg_batch_size_count{model="m"} 1.0' in text
     assert 'seg_encode_seconds_count{format="v2"} 1.0' in text

@@ -109,6 +109,23 @@ def test_stream_frames_are_traces_of_their_own_linked_to_the_stream(receiver, tr
         check_phases(receiver.trace(frame.trace_id, 5), frame, MODEL)
 
 
+def test_a_traced_requests_latency_bucket_links_to_its_trace(receiver, traced, image):
+    trace_id, _, header = traceparent()
+    r = httpx.post(f"{traced.url}/segment", content=image, headers={"content-type": "image/png", "traceparent": header})
+    assert r.status_code == 200
+    openmetrics = httpx.get(f"{traced.url}/metrics", headers={"accept": "application/openmetrics-text; version=1.0.0"})
+    assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
+    assert openmetrics.text.rstrip().endswith("# EOF")
+    (bucket,) = [
+        line
+        for line in openmetrics.text.splitlines()
+        if line.startswith("seg_request_duration_seconds_bucket{") and f'trace_id="{trace_id.hex()}"' in line
+    ]
+    assert 'model="bisenetv1_r18"' in bucket and 'protocol="http"' in bucket and 'code="200"' in bucket
+    plain = httpx.get(f"{traced.url}/metrics")  # what scrapers that do not ask for OpenMetrics get
+    assert plain.headers["content-type"].startswith("text/plain") and "trace_id" not in plain.text
+
+
 def test_a_refused_request_says_why_and_a_client_error_is_not_a_server_error(receiver, traced):
     trace_id, _, header = traceparent()
     r = httpx.post(

@@ -8,7 +8,6 @@ from typing import Literal
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
@@ -194,9 +193,10 @@ def create_app(service: SegmentationService) -> FastAPI:
     add_web_page(app, service)
 
     @app.get("/metrics", summary="Prometheus metrics")
-    async def prometheus_metrics():
+    async def prometheus_metrics(accept: str | None = Header(None)):
         _ = service.ready  # refreshes the seg_ready gauge
-        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+        body, content_type = metrics.exposition(accept)
+        return Response(body, media_type=content_type)
 
     return app
 
