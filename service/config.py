@@ -201,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-queue",
         default=_env("MAX_QUEUE", d.max_queue),
-        help="requests waiting per model before 429 [BISENET_MAX_QUEUE]",
+        help="requests waiting per model before 429; lower priorities may fill only part of it (priority 2 "
+        "of 2: half) [BISENET_MAX_QUEUE]",
     )
     p.add_argument(
         "--priority-levels",

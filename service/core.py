@@ -212,7 +212,7 @@ class SegmentationService:
         admitted = time.monotonic()
         deadline = admitted + deadline_ms / 1000 if deadline_ms else None
         model = self.chooser.placeholder(options)  # admitted under it until the choice is made
-        self.dispatcher.admit(model)
+        self.dispatcher.admit(model, options.priority)
         try:
             with self.dispatcher.on_the_way():
                 placed = await self._decode_and_place_async(data, rgb)
@@ -225,7 +225,7 @@ class SegmentationService:
                 if choice.mode.model != model:
                     self.dispatcher.release(model)
                     model = None
-                    self.dispatcher.admit(choice.mode.model)
+                    self.dispatcher.admit(choice.mode.model, options.priority)
                     model = choice.mode.model
                 self.metrics.mode_choices.labels(options.requested, str(choice.mode)).inc()
                 future = self.dispatcher.submit(

@@ -1,9 +1,11 @@
 """Request priorities against the real service: a request of priority 1 runs before the requests of
-priority 2 queued ahead of it, on every front door; priorities outside --priority-levels are refused."""
+priority 2 queued ahead of it, on every front door; lower priorities leave queue places for higher
+ones; priorities outside --priority-levels are refused."""
 
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import httpx
@@ -14,7 +16,7 @@ from service.client.grpc import GrpcSegmentationClient
 from service.client.results import SegmentationError
 from service.proto import segmentation_pb2 as pb
 from service.proto import segmentation_pb2_grpc as pb_grpc
-from tests.servicekit import FAST_ARGS, Service, png
+from tests.servicekit import FAST_ARGS, Service, held, png, service_metric, wait_for
 
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -106,3 +108,42 @@ def test_a_stream_takes_the_priority_of_its_first_message(service, photo):
         assert [r.error for r in results] == [None, None] and [r.frame_id for r in results] == [0, 1]
         with pytest.raises(SegmentationError, match="priority"):
             list(client.stream(frames, format="stats", priority=LEVELS + 1))
+
+
+def test_lower_priorities_leave_queue_places_for_higher_ones(r18_checkpoint, photo):
+    """With --max-queue 4 and two levels, priority-2 requests fill at most 2 places and are refused
+    beyond; priority 1 still gets the other 2, then is refused too. The worker is held (SIGSTOP)
+    so every admitted request stays queued; after it resumes, each admitted request is answered."""
+    svc = Service([*FAST_ARGS, "--model", f"{MODEL}={r18_checkpoint}", "--max-batch", "1", "--max-queue", "4"])
+    body = png(photo[:64, :96])
+
+    def post_sync(priority: int) -> httpx.Response:
+        return httpx.post(
+            f"{svc.url}/segment",
+            params={"priority": priority},
+            content=body,
+            headers={"Content-Type": "image/png"},
+            timeout=180,
+        )
+
+    def queued(n: int) -> None:
+        wait_for(lambda: service_metric(svc, "seg_queue_depth") == n, f"{n} requests queued")
+
+    try:
+        svc.wait_ready()
+        (worker,) = svc.worker_pids()
+        with ThreadPoolExecutor(4) as pool:
+            with held(worker):
+                admitted = [pool.submit(post_sync, 2), pool.submit(post_sync, 2)]
+                queued(2)
+                refused = post_sync(2)
+                assert refused.status_code == 429, refused.text
+                assert "full for priority 2: it may fill 2 of the 4 places" in refused.json()["error"]["message"]
+                admitted += [pool.submit(post_sync, 1), pool.submit(post_sync, 1)]
+                queued(4)
+                refused = post_sync(1)
+                assert refused.status_code == 429 and "full (4 requests)" in refused.json()["error"]["message"]
+                assert int(refused.headers["retry-after"]) >= 1
+            assert [f.result().status_code for f in admitted] == [200] * 4
+    finally:
+        svc.stop()

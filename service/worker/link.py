@@ -310,7 +310,14 @@ class Dispatcher:
         return {}
 
     # -- requests ------------------------------------------------------------------------------
-    def admit(self, model: str) -> None:
+    def queue_limit(self, priority: int) -> int:
+        """Queue places a request of `priority` may fill: all of --max-queue for priority 1, and a
+        share that shrinks with each lower level (half of it for priority 2 of 2), so a flood of
+        background work always leaves room for live frames."""
+        levels = self.settings.priority_levels
+        return max(1, math.ceil(self.settings.max_queue * (levels - priority + 1) / levels))
+
+    def admit(self, model: str, priority: int = 1) -> None:
         """Reserve a queue place for `model` or raise (not ready 503, unknown 404, full 429)."""
         if model not in self.depth:
             raise ServiceError("not_found", f"unknown model {model!r}; served: {', '.join(self.model_names)}")
@@ -320,12 +327,16 @@ class Dispatcher:
             raise ServiceError(
                 "not_ready", "the service is not ready: models are loading or a worker restarts", retry_after=1
             )
-        if self.depth[model] >= self.settings.max_queue:
-            raise ServiceError(
-                "queue_full",
-                f"queue for {model} is full ({self.settings.max_queue} requests)",
-                retry_after=self.retry_after(model),
-            )
+        limit = self.queue_limit(priority)
+        if self.depth[model] >= limit:
+            if limit == self.settings.max_queue:
+                message = f"queue for {model} is full ({limit} requests)"
+            else:
+                message = (
+                    f"queue for {model} is full for priority {priority}: it may fill {limit} of the "
+                    f"{self.settings.max_queue} places, the others are kept for higher priorities"
+                )
+            raise ServiceError("queue_full", message, retry_after=self.retry_after(model))
         self.depth[model] += 1
         self.metrics.queue_depth.labels(model).set(self.depth[model])
 
