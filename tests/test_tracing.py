@@ -4,8 +4,10 @@ in time order, sampling, refusals, and a collector that is down harming nothing.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import secrets
 import time
 
 import grpc
@@ -232,3 +234,34 @@ def test_without_an_endpoint_spans_record_nothing():
         tracing.outcome("200", MODEL, "http")  # nothing to annotate, and no error
         tracing.phases([], 0.001)
     tracing.shutdown()
+
+
+def test_the_python_clients_send_the_callers_trace_context(receiver, traced, photo):
+    """A program that traces (here: a span context made current by hand) and calls the service with
+    its clients gets the service's spans in its own trace: REST, asyncio REST and gRPC."""
+    from service.client import AsyncSegmentationClient, GrpcSegmentationClient, SegmentationClient
+
+    frame = photo[:64, :96]
+
+    def blocking(client):
+        with client:
+            return client.segment(frame)
+
+    async def awaited(client):
+        async with client:
+            return await client.segment(frame)
+
+    calls = {
+        "POST /segment": lambda: blocking(SegmentationClient(traced.url)),
+        f"{SEGMENT_RPC}/Segment": lambda: blocking(GrpcSegmentationClient(traced.grpc_target)),
+        "POST /segment (asyncio)": lambda: asyncio.run(awaited(AsyncSegmentationClient(traced.url))),
+    }
+    for name, call in calls.items():
+        trace_id, span_id = secrets.token_bytes(16), secrets.token_bytes(8)
+        caller = trace.SpanContext(
+            int.from_bytes(trace_id), int.from_bytes(span_id), is_remote=False, trace_flags=trace.TraceFlags(1)
+        )
+        with trace.use_span(trace.NonRecordingSpan(caller)):
+            assert call().labels.shape == (64, 96)
+        server = by_name(receiver.trace(trace_id, 5))[name.removesuffix(" (asyncio)")][0]
+        assert server.parent_span_id == span_id, name

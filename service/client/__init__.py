@@ -1,11 +1,19 @@
-"""Python clients for the segmentation service: REST (`SegmentationClient`) and gRPC
-(`GrpcSegmentationClient`, with `stream()` for video). Both return `SegmentResult` and raise
-`SegmentationError` with the same error codes."""
+"""Python clients for the segmentation service: REST (`SegmentationClient`, and
+`AsyncSegmentationClient` for asyncio) and gRPC (`GrpcSegmentationClient`, with `stream()` for
+video). They return `SegmentResult`, raise `SegmentationError` with the same error codes, and send
+the caller's OpenTelemetry trace context along."""
 
-from .rest import SegmentationClient
+from .rest import AsyncSegmentationClient, SegmentationClient
 from .results import SegmentationError, SegmentResult
 
-__all__ = ["GrpcSegmentationClient", "SegmentResult", "SegmentationClient", "SegmentationError", "StreamResult"]
+__all__ = [
+    "AsyncSegmentationClient",
+    "GrpcSegmentationClient",
+    "SegmentResult",
+    "SegmentationClient",
+    "SegmentationError",
+    "StreamResult",
+]
 
 
 def __getattr__(name: str):

@@ -25,7 +25,7 @@ from PIL import Image
 from ..errors import CODES
 from ..proto import segmentation_pb2 as pb
 from ..proto import segmentation_pb2_grpc as pb_grpc
-from .results import SegmentationError, SegmentResult, decode_labels_png
+from .results import SegmentationError, SegmentResult, decode_labels_png, trace_context
 
 FORMATS = {"png": pb.LABELS_PNG, "raw": pb.LABELS_RAW, "overlay": pb.OVERLAY_JPEG, "stats": pb.STATS_ONLY}
 POLICIES = {"latest": pb.DROP_POLICY_LATEST, "block": pb.DROP_POLICY_BLOCK}
@@ -127,6 +127,10 @@ class GrpcSegmentationClient:
         self.metadata = (("x-api-key", api_key),) if api_key else ()
         self.stub = pb_grpc.SegmentationStub(self.channel)
 
+    def call_metadata(self) -> tuple:
+        """The API key, and the caller's trace context (the stream's or the request's span joins it)."""
+        return self.metadata + tuple(trace_context().items())
+
     def segment(
         self,
         image,
@@ -146,7 +150,7 @@ class GrpcSegmentationClient:
             priority=priority or 0,
         )
         try:
-            response = self.stub.Segment(request, timeout=self.timeout, metadata=self.metadata)
+            response = self.stub.Segment(request, timeout=self.timeout, metadata=self.call_metadata())
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
         result = SegmentResult(
@@ -205,7 +209,7 @@ class GrpcSegmentationClient:
                     sent[frame_id] = time.perf_counter()
                 yield request
 
-        call = self.stub.StreamSegment(requests(), metadata=self.metadata)
+        call = self.stub.StreamSegment(requests(), metadata=self.call_metadata())
         try:
             for response in call:
                 now = time.perf_counter()
