@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator, Mapping
 
@@ -35,6 +36,7 @@ from . import __version__
 log = logging.getLogger("service.tracing")
 PROPAGATOR = TraceContextTextMapPropagator()  # W3C traceparent and tracestate
 # gRPC statuses that are the server's failure (OpenTelemetry's gRPC conventions); the others are the caller's.
+FLUSH_SECONDS = 5.0  # at exit, the longest wait for the last spans to be exported
 GRPC_SERVER_ERRORS = {"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"}
 
 
@@ -174,7 +176,13 @@ class Tracing:
                 phase("prepare", r.started, r.prepare, under=infer)
         phase("encode", now - encode_seconds, encode_seconds)
 
-    def shutdown(self) -> None:
-        """Export what is still buffered (at drain)."""
-        if self.provider is not None:
-            self.provider.shutdown()
+    def shutdown(self, timeout: float = FLUSH_SECONDS) -> None:
+        """Export what is still buffered (at drain), waiting at most `timeout`: a collector that is
+        down must not hold up the exit (the exporter retries it for longer)."""
+        if self.provider is None:
+            return
+        flush = threading.Thread(target=self.provider.shutdown, name="trace-flush", daemon=True)
+        flush.start()
+        flush.join(timeout)
+        if flush.is_alive():
+            log.warning("tracing: spans not exported within %.0f s at exit are dropped", timeout)

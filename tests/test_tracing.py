@@ -197,7 +197,7 @@ def test_a_collector_that_is_down_harms_nothing(image):
     finally:
         started = time.monotonic()
         code = svc.stop()
-    assert code == 0 and time.monotonic() - started < 30  # the unsent spans do not hold up the exit
+    assert code == 0 and time.monotonic() - started < 20  # the unsent spans hold up the exit 5 s at most
 
 
 def test_trace_settings_are_checked_at_start():
