@@ -3,6 +3,7 @@ bad input, auth, disconnects, idle streams, health, reflection, the gRPC client 
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -19,7 +20,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from service.client import GrpcSegmentationClient, SegmentationError
+from service.client import AsyncGrpcSegmentationClient, GrpcSegmentationClient, SegmentationError
 from service.proto import segmentation_pb2 as pb
 from service.proto import segmentation_pb2_grpc as pb_grpc
 from tests.servicekit import BISENET, FAST_ARGS, ROOT, Service, make_certificate, metric_value, png, wait_for_metrics
@@ -418,6 +419,37 @@ def test_grpc_client(service, frames, references):
         stream = client.stream(frames[i % 4] for i in range(10_000))
         next(stream)
         stream.close()  # leaving early cancels the call
+    assert_nothing_held(service)
+
+
+def test_async_grpc_client(service, frames, references):
+    """The asyncio client: the same answers as the blocking one; a stream fed by an async generator
+    (frames from a camera task) in frame order; leaving the `async for` early cancels the call."""
+
+    async def camera(n: int):
+        for i in range(n):
+            await asyncio.sleep(0)
+            yield frames[i % 4]
+
+    async def run():
+        async with AsyncGrpcSegmentationClient(service.grpc_target, api_key=KEY) as client:
+            assert await client.ready()
+            result = await client.segment(frames[2], format="raw")
+            np.testing.assert_array_equal(result.labels, references[2])
+            assert (await client.models())["default"] == "bisenetv1_r18"
+            with pytest.raises(SegmentationError) as info:
+                await client.segment(frames[0], model="nope")
+            assert (info.value.status, info.value.code) == (404, "not_found")
+            results = [r async for r in client.stream(camera(8), policy="block")]
+            assert [r.frame_id for r in results] == list(range(8)) and not any(r.error for r in results)
+            for r in results:
+                np.testing.assert_array_equal(r.labels, references[r.frame_id % 4])
+            listed = [r async for r in client.stream([frames[0], frames[1]], format="png", policy="block")]
+            np.testing.assert_array_equal(listed[1].labels, references[1])
+            async for _ in client.stream(camera(10_000)):
+                break  # leaving early cancels the call
+
+    asyncio.run(run())
     assert_nothing_held(service)
 
 

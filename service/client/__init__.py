@@ -1,12 +1,14 @@
 """Python clients for the segmentation service: REST (`SegmentationClient`, and
-`AsyncSegmentationClient` for asyncio) and gRPC (`GrpcSegmentationClient`, with `stream()` for
-video). They return `SegmentResult`, raise `SegmentationError` with the same error codes, and send
-the caller's OpenTelemetry trace context along."""
+`AsyncSegmentationClient` for asyncio) and gRPC (`GrpcSegmentationClient` and
+`AsyncGrpcSegmentationClient`, with `stream()` for video). They return `SegmentResult`, raise
+`SegmentationError` with the same error codes, and send the caller's OpenTelemetry trace context
+along."""
 
 from .rest import AsyncSegmentationClient, SegmentationClient
 from .results import SegmentationError, SegmentResult
 
 __all__ = [
+    "AsyncGrpcSegmentationClient",
     "AsyncSegmentationClient",
     "GrpcSegmentationClient",
     "SegmentResult",
@@ -18,7 +20,7 @@ __all__ = [
 
 def __getattr__(name: str):
     # gRPC on first use, so a REST-only user never loads grpc
-    if name in ("GrpcSegmentationClient", "StreamResult"):
+    if name in ("AsyncGrpcSegmentationClient", "GrpcSegmentationClient", "StreamResult"):
         from . import grpc
 
         return getattr(grpc, name)

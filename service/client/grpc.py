@@ -1,10 +1,14 @@
-"""gRPC client: unary `segment`, `stream(frames)` as a generator, `models`, `ready`.
+"""gRPC clients, blocking and asyncio: unary `segment`, `stream(frames)`, `models`, `ready`.
 
     from service.client import GrpcSegmentationClient
     with GrpcSegmentationClient("localhost:50051") as client:
         result = client.segment("frame.jpg")             # same SegmentResult as the REST client
         for r in client.stream(frames, policy="latest"):  # frames: HxWx3 uint8 arrays (or encoded bytes)
             r.frame_id, r.labels, r.latency_s, r.dropped_ids
+
+    async with AsyncGrpcSegmentationClient("localhost:50051") as client:
+        async for r in client.stream(camera_frames()):    # an iterable or an async iterable
+            ...
 
 Arrays travel as raw RGB frames (no encoding on either side); paths and bytes as encoded images.
 """
@@ -14,7 +18,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,9 +108,110 @@ class StreamResult:
         return timings_of(self.response)
 
 
-class GrpcSegmentationClient:
-    """Thread-safe (one grpc channel). `target` is host:port; `tls=True` or `root_certificates`
-    (PEM bytes) for a TLS server."""
+def channel_of(aio, target: str, tls: bool, root_certificates: bytes | None):
+    """A channel to `target` (grpc, or grpc.aio as `aio`), TLS when asked, with large messages."""
+    options = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
+    if tls or root_certificates:
+        creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+        return aio.secure_channel(target, creds, options=options)
+    return aio.insecure_channel(target, options=options)
+
+
+def segment_request(image, model, format, deadline_ms, tta, priority) -> pb.SegmentRequest:
+    fields = {"model": model or "", "format": FORMATS[format], "deadline_ms": deadline_ms or 0}
+    return image_request(image, **fields, tta=tta or "", priority=priority or 0)
+
+
+def segment_result(response: pb.SegmentResponse, format: str) -> SegmentResult:
+    result = SegmentResult(
+        model=response.model,
+        labels=labels_of(response),
+        timings_ms=timings_of(response),
+        content=response.labels,
+        tta=response.tta or "none",
+    )
+    if format == "overlay":
+        result.overlay = response.labels
+    result.stats = {
+        "model": response.model,
+        "height": response.height,
+        "width": response.width,
+        "class_pixels": list(response.class_pixels),
+        "batch_size": response.batch_size,
+    }
+    return result
+
+
+def models_of(response: pb.ListModelsResponse) -> dict:
+    models = [
+        {
+            "name": m.name,
+            "arch": m.arch,
+            "weights": m.weights,
+            "classes": list(m.classes),
+            "palette": [[c.r, c.g, c.b] for c in m.palette],
+            "ready": m.ready,
+            "dtype": m.dtype,
+            "cuda_graphs": m.cuda_graphs,
+            "published_miou": m.published_miou or None,
+        }
+        for m in response.models
+    ]
+    return {"models": models, "default": response.default_model}
+
+
+class StreamFrames:
+    """A stream's side of the bookkeeping, for both clients: each frame as a request (the first one
+    carrying the stream's options), the time it was handed to gRPC, and each response as a result
+    with its latency."""
+
+    def __init__(self, model, format, policy, max_in_flight, deadline_ms, frame_ids, priority):
+        self.first = {
+            "model": model or "",
+            "drop_policy": POLICIES[policy],
+            "max_in_flight": max_in_flight or 0,
+            "priority": priority or 0,
+        }
+        self.format, self.deadline_ms = FORMATS[format], deadline_ms or 0
+        self.ids = iter(frame_ids) if frame_ids is not None else None
+        self.count = 0
+        self.sent: dict[int, float] = {}
+        self.lock = threading.Lock()  # the sync client's requests are pulled on gRPC's thread
+
+    def request(self, frame) -> pb.SegmentRequest:
+        frame_id = next(self.ids) if self.ids is not None else self.count
+        fields = {"frame_id": frame_id, "format": self.format, "deadline_ms": self.deadline_ms}
+        if self.count == 0:
+            fields.update(self.first)
+        self.count += 1
+        request = image_request(frame, **fields)
+        with self.lock:
+            self.sent[frame_id] = time.perf_counter()
+        return request
+
+    def result(self, response: pb.SegmentResponse) -> StreamResult:
+        now = time.perf_counter()
+        with self.lock:
+            start = self.sent.pop(response.frame_id, now)
+            for dropped in response.dropped_frame_ids:
+                self.sent.pop(dropped, None)
+        error = (response.error.code, response.error.message) if response.HasField("error") else None
+        return StreamResult(
+            response.frame_id, response, now - start, labels_of(response), list(response.dropped_frame_ids), error
+        )
+
+
+def health_request():
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    return health_pb2_grpc.HealthStub, health_pb2.HealthCheckRequest(), health_pb2.HealthCheckResponse.SERVING
+
+
+class ClientChannel:
+    """What both gRPC clients hold: the channel (grpc's or grpc.aio's), the stub and the metadata.
+    `target` is host:port; `tls=True` or `root_certificates` (PEM bytes) for a TLS server."""
+
+    aio = grpc  # the module whose channel this client uses
 
     def __init__(
         self,
@@ -116,12 +221,7 @@ class GrpcSegmentationClient:
         tls: bool = False,
         root_certificates: bytes | None = None,
     ):
-        options = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
-        if tls or root_certificates:
-            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-            self.channel = grpc.secure_channel(target, creds, options=options)
-        else:
-            self.channel = grpc.insecure_channel(target, options=options)
+        self.channel = channel_of(self.aio, target, tls, root_certificates)
         self.target = target
         self.timeout = timeout
         self.metadata = (("x-api-key", api_key),) if api_key else ()
@@ -131,6 +231,10 @@ class GrpcSegmentationClient:
         """The API key, and the caller's trace context (the stream's or the request's span joins it)."""
         return self.metadata + tuple(trace_context().items())
 
+
+class GrpcSegmentationClient(ClientChannel):
+    """The blocking gRPC client. Thread-safe (one grpc channel)."""
+
     def segment(
         self,
         image,
@@ -139,37 +243,14 @@ class GrpcSegmentationClient:
         deadline_ms: int | None = None,
         tta: str | None = None,
         priority: int | None = None,
-    ):
+    ) -> SegmentResult:
         """Like SegmentationClient.segment; `format` is png, raw, overlay or stats."""
-        request = image_request(
-            image,
-            model=model or "",
-            format=FORMATS[format],
-            deadline_ms=deadline_ms or 0,
-            tta=tta or "",
-            priority=priority or 0,
-        )
+        request = segment_request(image, model, format, deadline_ms, tta, priority)
         try:
             response = self.stub.Segment(request, timeout=self.timeout, metadata=self.call_metadata())
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
-        result = SegmentResult(
-            model=response.model,
-            labels=labels_of(response),
-            timings_ms=timings_of(response),
-            content=response.labels,
-            tta=response.tta or "none",
-        )
-        if format == "overlay":
-            result.overlay = response.labels
-        result.stats = {
-            "model": response.model,
-            "height": response.height,
-            "width": response.width,
-            "class_pixels": list(response.class_pixels),
-            "batch_size": response.batch_size,
-        }
-        return result
+        return segment_result(response, format)
 
     def stream(
         self,
@@ -187,45 +268,11 @@ class GrpcSegmentationClient:
         The generator pulls frames as gRPC sends them, so a slow `frames` iterator paces the stream.
         Closing the generator early cancels the call (the server frees the stream's work at once).
         """
-        sent: dict[int, float] = {}
-        lock = threading.Lock()
-        ids = iter(frame_ids) if frame_ids is not None else None
-
-        def requests():
-            first = True
-            for n, frame in enumerate(frames):
-                frame_id = next(ids) if ids is not None else n
-                fields = {"frame_id": frame_id, "format": FORMATS[format], "deadline_ms": deadline_ms or 0}
-                if first:
-                    fields.update(
-                        model=model or "",
-                        drop_policy=POLICIES[policy],
-                        max_in_flight=max_in_flight or 0,
-                        priority=priority or 0,
-                    )
-                    first = False
-                request = image_request(frame, **fields)
-                with lock:
-                    sent[frame_id] = time.perf_counter()
-                yield request
-
-        call = self.stub.StreamSegment(requests(), metadata=self.call_metadata())
+        book = StreamFrames(model, format, policy, max_in_flight, deadline_ms, frame_ids, priority)
+        call = self.stub.StreamSegment((book.request(frame) for frame in frames), metadata=self.call_metadata())
         try:
             for response in call:
-                now = time.perf_counter()
-                with lock:
-                    start = sent.pop(response.frame_id, now)
-                    for dropped in response.dropped_frame_ids:
-                        sent.pop(dropped, None)
-                error = (response.error.code, response.error.message) if response.HasField("error") else None
-                yield StreamResult(
-                    response.frame_id,
-                    response,
-                    now - start,
-                    labels_of(response),
-                    list(response.dropped_frame_ids),
-                    error,
-                )
+                yield book.result(response)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.CANCELLED and call.cancelled():
                 return
@@ -238,30 +285,14 @@ class GrpcSegmentationClient:
             response = self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout, metadata=self.metadata)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
-        models = [
-            {
-                "name": m.name,
-                "arch": m.arch,
-                "weights": m.weights,
-                "classes": list(m.classes),
-                "palette": [[c.r, c.g, c.b] for c in m.palette],
-                "ready": m.ready,
-                "dtype": m.dtype,
-                "cuda_graphs": m.cuda_graphs,
-                "published_miou": m.published_miou or None,
-            }
-            for m in response.models
-        ]
-        return {"models": models, "default": response.default_model}
+        return models_of(response)
 
     def ready(self, timeout: float = 2.0) -> bool:
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+        stub, request, serving = health_request()
         try:
-            reply = health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            return stub(self.channel).Check(request, timeout=timeout).status == serving
         except grpc.RpcError:
             return False
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
 
     def close(self) -> None:
         self.channel.close()
@@ -271,6 +302,86 @@ class GrpcSegmentationClient:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class AsyncGrpcSegmentationClient(ClientChannel):
+    """GrpcSegmentationClient for asyncio programs (grpc.aio): the same methods, awaited; `stream`
+    takes frames from an iterable or an async iterable (a camera task's queue, say) and is an async
+    iterator of results. Create it inside the event loop that uses it."""
+
+    aio = grpc.aio
+
+    async def segment(
+        self,
+        image,
+        model: str | None = None,
+        format: str = "png",
+        deadline_ms: int | None = None,
+        tta: str | None = None,
+        priority: int | None = None,
+    ) -> SegmentResult:
+        request = segment_request(image, model, format, deadline_ms, tta, priority)
+        try:
+            response = await self.stub.Segment(request, timeout=self.timeout, metadata=self.call_metadata())
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        return segment_result(response, format)
+
+    async def stream(
+        self,
+        frames: Iterable | AsyncIterable,
+        model: str | None = None,
+        format: str = "raw",
+        policy: str = "latest",
+        max_in_flight: int | None = None,
+        deadline_ms: int | None = None,
+        frame_ids: Iterable[int] | None = None,
+        priority: int | None = None,
+    ) -> AsyncIterator[StreamResult]:
+        """As GrpcSegmentationClient.stream. Leaving the `async for` early cancels the call."""
+        book = StreamFrames(model, format, policy, max_in_flight, deadline_ms, frame_ids, priority)
+
+        async def requests():
+            if isinstance(frames, AsyncIterable):
+                async for frame in frames:
+                    yield book.request(frame)
+            else:
+                for frame in frames:
+                    yield book.request(frame)
+
+        call = self.stub.StreamSegment(requests(), metadata=self.call_metadata())
+        try:
+            async for response in call:
+                yield book.result(response)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED and call.cancelled():
+                return
+            raise error_from_rpc(exc) from None
+        finally:
+            call.cancel()
+
+    async def models(self) -> dict:
+        try:
+            response = await self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        return models_of(response)
+
+    async def ready(self, timeout: float = 2.0) -> bool:
+        stub, request, serving = health_request()
+        try:
+            return (await stub(self.channel).Check(request, timeout=timeout)).status == serving
+        except grpc.RpcError:
+            return False
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
 
 
 class StreamStats:
