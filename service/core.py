@@ -29,6 +29,7 @@ from .choice import (
 )
 from .config import ALIASES, Settings
 from .errors import CODES, ServiceError
+from .log_settings import LogSettings
 from .logs import Step
 from .metrics import Metrics
 from .tracing import Tracing
@@ -114,6 +115,7 @@ class SegmentationService:
         self.decode_in_worker = settings.decode == "worker" or (settings.decode == "auto" and on_cuda)
         self.started = time.time()
         self.shared_memory = SharedMemoryRegions()  # clients' regions (Triton's system shared memory)
+        self.log_settings = LogSettings(settings.log_format, self.dispatcher.set_log_level)  # /v2/logging
         menu = build_menu([(m.name, m.weights) for m in settings.models], settings.auto_order)
         self.chooser = Chooser(menu, self._predict, settings.auto_upgrade_frames, self._probe)
 

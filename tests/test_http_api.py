@@ -362,6 +362,8 @@ KEYED_ENDPOINTS = {
     ("GET", "/v2/models/{model}/versions/{version}/stats"),
     ("POST", "/v2/models/{model}/infer"),
     ("POST", "/v2/models/{model}/versions/{version}/infer"),
+    ("GET", "/v2/logging"),
+    ("POST", "/v2/logging"),
 }
 
 
@@ -407,6 +409,8 @@ def test_api_key_on_every_endpoint(service, photo_small, request):
             return httpx.post(service.url + path, json=region, headers=headers, timeout=60)
         if path.endswith("/infer"):
             return httpx.post(service.url + path, content=v2_body, headers=headers, timeout=120)
+        if path == "/v2/logging" and method == "POST":
+            return httpx.post(service.url + path, json={"log_verbose_level": 0}, headers=headers, timeout=60)
         if method == "POST":
             headers = {"Content-Type": "image/png", **headers}
             return httpx.post(service.url + path, content=body, headers=headers, timeout=120)

@@ -63,6 +63,7 @@ def test_package_service_and_methods(ours):
         "SystemSharedMemoryStatus",
         "SystemSharedMemoryRegister",
         "SystemSharedMemoryUnregister",
+        "LogSettings",
     }
     assert set(mine.methods_by_name) == wanted
     for name in wanted:

@@ -242,6 +242,17 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
         await self.keyed(context, lambda: regions_of(self.service).unregister(request.name))
         return pb.SystemSharedMemoryUnregisterResponse()
 
+    # -- logging ---------------------------------------------------------------------------------
+    async def LogSettings(self, request: pb.LogSettingsRequest, context: grpc.aio.ServicerContext):
+        """Triton's logging extension: an empty request reads the settings, others change them."""
+        changes = {key: setting_value(value) for key, value in request.settings.items()}
+        settings = self.service.log_settings
+        current = await self.keyed(context, lambda: settings.update(changes) if changes else settings.current())
+        response = pb.LogSettingsResponse()
+        for key, value in current.items():
+            setattr(response.settings[key], setting_field(value), value)
+        return response
+
     # -- inference -------------------------------------------------------------------------------
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext):
         async with self.unary_call(context, "v2_grpc", "ModelInfer") as call:
@@ -324,6 +335,19 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
         if request.parameters.get("triton_enable_empty_final_response") is not None:
             response.infer_response.parameters["triton_final_response"].bool_param = True
         return response
+
+
+def setting_value(value: pb.LogSettingsRequest.SettingValue):
+    """A log setting's value as Python (None when the client set none)."""
+    field = value.WhichOneof("parameter_choice")
+    return getattr(value, field) if field else None
+
+
+def setting_field(value) -> str:
+    """The SettingValue field that carries `value`."""
+    if isinstance(value, bool):
+        return "bool_param"
+    return "uint32_param" if isinstance(value, int) else "string_param"
 
 
 def error_response(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:

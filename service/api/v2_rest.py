@@ -30,7 +30,7 @@ from .v2_shm import Place, SharedMemoryRegions, output_regions, place_of, region
 
 PROTOCOL = "v2_http"
 SERVER_NAME = "bisenet-serve"
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics", "logging"]
 VERSIONS = ("", "1")  # one version per model; "1" is its name
 HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON_HEADROOM = 64 * 1024
@@ -278,6 +278,18 @@ def add_v2_routes(app: FastAPI, service: SegmentationService) -> None:
 
     if getattr(service, "shared_memory", None) is not None:
         add_shared_memory_routes(app, service.shared_memory, keyed, tags)
+
+    @app.get("/v2/logging", summary="Log settings (Triton's logging extension)", tags=tags)
+    async def log_settings(request: Request):
+        return keyed(request, service.log_settings.current)
+
+    @app.post("/v2/logging", summary="Change the log settings while the service runs", tags=tags)
+    async def update_log_settings(request: Request):
+        try:
+            body = await read_limited(request, JSON_HEADROOM)
+        except ServiceError as exc:
+            return v2_error(exc)
+        return keyed(request, lambda: service.log_settings.update(split_body(body, None, "log settings")[0]))
 
     @routes("/infer", "POST", summary="Inference with JSON or binary tensors")
     async def infer(request: Request, model: str, version: str = ""):

@@ -25,6 +25,7 @@ from ..choice import AUTO, DEFAULT_PRIORITY, RequestOptions, as_options, parse_o
 from ..config import ALIASES, Settings
 from ..core import DEFAULT_TIMEOUT, Served
 from ..errors import CODES, ServiceError
+from ..log_settings import LogSettings
 from ..metrics import Metrics
 from ..tracing import Tracing
 from ..worker.link import Result
@@ -49,6 +50,7 @@ class RayBackedService:
         self.metrics = Metrics(settings.budget_seconds, tracing=Tracing.from_settings(settings))
         self.metrics.start_series(list(handles), [], sorted({reason for _, _, reason in CODES.values()}))
         self.dispatcher = _NotDraining()
+        self.log_settings = LogSettings(settings.log_format)  # this ingress's own; replicas keep theirs
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="codec")
         self.default_model = settings.models[0].name
         self.info: dict[str, dict] = {}  # model -> what a replica reported; absent until one answers

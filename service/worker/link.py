@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -302,6 +303,12 @@ class Dispatcher:
     async def stop(self) -> None:
         await asyncio.gather(*(link.stop() for link in self.links))
         self.slots.close()
+
+    def set_log_level(self, level: str) -> None:
+        """A log level set at run time: to every worker now, and to the ones restarted later."""
+        for link in self.links:
+            link.config = dataclasses.replace(link.config, log_level=level)
+            link.send("log_level", level)
 
     def model_info(self, name: str) -> dict:
         for link in self.links:

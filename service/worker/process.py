@@ -225,6 +225,8 @@ class Worker:
                         self.send("cancelled", msg[1])
                 elif kind == "forget":
                     self.maps.forget(msg[1])
+                elif kind == "log_level":  # changed at run time (/v2/logging)
+                    logging.getLogger().setLevel(msg[1].upper())
                 elif kind == "stop":
                     self.stopping = True
                 self.cond.notify()
@@ -321,6 +323,19 @@ class Worker:
             "replayed": run.replayed,
         }
         self.send("done", ids, info)
+        if log.isEnabledFor(logging.DEBUG):
+            job = run.jobs[0]
+            log.debug(
+                "batch of %d: %s, tta %s, %dx%d, %.1f ms (%.1f preparing)%s",
+                len(ids),
+                job.model,
+                job.tta,
+                job.height,
+                job.width,
+                info["infer"] * 1000,
+                run.prepared * 1000,
+                ", graph replay" if run.replayed else "",
+            )
 
     def batch_failed(self, ids: list[int], exc: Exception) -> None:
         if fatal_device_error(exc):
