@@ -7,6 +7,8 @@ import json
 import logging
 import time
 
+from opentelemetry import trace
+
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 # uvicorn names its loggers itself; they carry no handlers so their lines reach ours through the root.
@@ -14,7 +16,9 @@ UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 
 
 class JsonFormatter(logging.Formatter):
-    """{"time", "level", "logger", "pid", "message"[, "exception"]} on one line."""
+    """{"time", "level", "logger", "pid", "message"[, "trace_id", "span_id"][, "exception"]} on one
+    line; a line written while a traced request is handled names its trace and span, so a log
+    collector can join the request's lines to its trace."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -24,6 +28,9 @@ class JsonFormatter(logging.Formatter):
             "pid": record.process,
             "message": record.getMessage(),
         }
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid and span.trace_flags.sampled:
+            entry["trace_id"], entry["span_id"] = f"{span.trace_id:032x}", f"{span.span_id:016x}"
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)

@@ -30,9 +30,11 @@ SEGMENT_RPC = "bisenet.v1.Segmentation"
 
 
 @pytest.fixture(scope="module")
-def traced(receiver):
+def traced(receiver, tmp_path_factory):
     args = [*FAST_ARGS, "--model", f"{MODEL}=random", "--max-batch", "4", "--trace-endpoint", receiver.url]
-    svc = Service(args, env=EXPORT_ENV).wait_ready()
+    log_path = tmp_path_factory.mktemp("traced") / "service.log"
+    svc = Service([*args, "--log-format", "json"], env=EXPORT_ENV, log_path=log_path).wait_ready()
+    svc.log_path = log_path
     yield svc
     svc.stop()
 
@@ -109,6 +111,31 @@ def test_stream_frames_are_traces_of_their_own_linked_to_the_stream(receiver, tr
     for frame in frames:
         assert frame.links[0].trace_id == trace_id
         check_phases(receiver.trace(frame.trace_id, 5), frame, MODEL)
+
+
+def test_json_log_lines_written_for_a_traced_request_name_its_trace(receiver, traced, image):
+    """The front end's debug line for a stream (debug turned on through /v2/logging) carries the
+    stream span's trace and span ids, so a log collector can join it to the trace."""
+    assert httpx.post(f"{traced.url}/v2/logging", json={"log_verbose_level": 1}).status_code == 200
+    try:
+        trace_id, _, header = traceparent()
+        with grpc.insecure_channel(traced.grpc_target) as channel:
+            stub = pb_grpc.SegmentationStub(channel)
+            frames = iter([pb.SegmentRequest(encoded=image)])
+            assert len(list(stub.StreamSegment(frames, metadata=(("traceparent", header),)))) == 1
+        (stream,) = receiver.trace(trace_id, 1)
+
+        def stream_lines() -> list[dict]:
+            lines = (json.loads(line) for line in traced.log_path.read_text().splitlines() if line.startswith("{"))
+            return [line for line in lines if line["message"].startswith("stream: model")]
+
+        wait_for(lambda: any(line.get("trace_id") == trace_id.hex() for line in stream_lines()), "the stream's line")
+        (line,) = [line for line in stream_lines() if line.get("trace_id") == trace_id.hex()]
+        assert line["span_id"] == stream.span_id.hex() and line["level"] == "debug"
+    finally:
+        assert httpx.post(f"{traced.url}/v2/logging", json={"log_verbose_level": 0}).status_code == 200
+    untraced = [line for line in stream_lines() if "trace_id" not in line]
+    assert not untraced  # every stream here was traced (rate 1)
 
 
 def test_a_traced_requests_latency_bucket_links_to_its_trace(receiver, traced, image):
