@@ -13,6 +13,8 @@ FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 # uvicorn names its loggers itself; they carry no handlers so their lines reach ours through the root.
 UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
+# Libraries whose debug lines are noise here: urllib3 logs every trace export's HTTP connection.
+QUIET_LOGGERS = ("urllib3",)
 
 
 class JsonFormatter(logging.Formatter):
@@ -51,6 +53,8 @@ def configure(level: str = "info", fmt: str = "text") -> None:
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 class Step:

@@ -132,6 +132,8 @@ def test_json_log_lines_written_for_a_traced_request_name_its_trace(receiver, tr
         wait_for(lambda: any(line.get("trace_id") == trace_id.hex() for line in stream_lines()), "the stream's line")
         (line,) = [line for line in stream_lines() if line.get("trace_id") == trace_id.hex()]
         assert line["span_id"] == stream.span_id.hex() and line["level"] == "debug"
+        lines = [json.loads(line) for line in traced.log_path.read_text().splitlines() if line.startswith("{")]
+        assert not [line for line in lines if line["logger"].startswith("urllib3")]  # no line per export
     finally:
         assert httpx.post(f"{traced.url}/v2/logging", json={"log_verbose_level": 0}).status_code == 200
     untraced = [line for line in stream_lines() if "trace_id" not in line]
