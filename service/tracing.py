@@ -136,6 +136,16 @@ class Tracing:
         return {"trace_id": format(span.get_span_context().trace_id, "032x")}
 
     @staticmethod
+    def response_header() -> tuple[str, str] | None:
+        """The W3C `traceresponse` header naming the current request's trace, when it is being
+        traced, so a client that does not trace can still look its request up."""
+        span = trace.get_current_span()
+        if not span.is_recording():
+            return None
+        context = span.get_span_context()
+        return "traceresponse", f"00-{context.trace_id:032x}-{context.span_id:016x}-01"
+
+    @staticmethod
     def rejected(code: str, message: str) -> None:
         """A request (or a stream frame) refused with the service's error `code`."""
         span = trace.get_current_span()

@@ -18,6 +18,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from service.bench.processes import free_port
 from service.bench.trace_sink import attributes
+from service.client import SegmentationError
 from service.config import ConfigError, load_settings
 from service.proto import segmentation_pb2 as pb
 from service.proto import segmentation_pb2_grpc as pb_grpc
@@ -294,3 +295,41 @@ def test_the_python_clients_send_the_callers_trace_context(receiver, traced, pho
             assert call().labels.shape == (64, 96)
         server = by_name(receiver.trace(trace_id, 5))[name.removesuffix(" (asyncio)")][0]
         assert server.parent_span_id == span_id, name
+
+
+def test_a_traced_answer_names_its_trace_for_clients_that_do_not_trace(receiver, traced, image, photo):
+    """`traceresponse` (header, gRPC trailer) on answers the service traced, errors included; the
+    Python clients read it into `trace_id`. An unsampled request's answer names nothing."""
+    from service.client import AsyncGrpcSegmentationClient, GrpcSegmentationClient, SegmentationClient
+
+    r = httpx.post(f"{traced.url}/segment", content=image, headers={"content-type": "image/png"})
+    _, trace_hex, span_hex, flags = r.headers["traceresponse"].split("-")
+    server = by_name(receiver.trace(bytes.fromhex(trace_hex), 5))["POST /segment"][0]
+    assert server.span_id.hex() == span_hex and flags == "01"
+    refused = httpx.post(f"{traced.url}/segment", content=b"junk", headers={"content-type": "image/png"})
+    assert refused.status_code == 400 and "traceresponse" in refused.headers
+
+    _, _, unsampled = traceparent(sampled=False)
+    headers = {"content-type": "image/png", "traceparent": unsampled}
+    assert "traceresponse" not in httpx.post(f"{traced.url}/segment", content=image, headers=headers).headers
+
+    frame = photo[:64, :96]
+    with SegmentationClient(traced.url) as client:
+        rest_id = client.segment(frame).trace_id
+        with pytest.raises(SegmentationError) as error:
+            client.segment(frame, model="nope")
+        assert error.value.status == 404 and len(error.value.trace_id) == 32
+    with GrpcSegmentationClient(traced.grpc_target) as client:
+        grpc_id = client.segment(frame).trace_id
+        with pytest.raises(SegmentationError) as error:
+            client.segment(frame, model="nope")
+        assert len(error.value.trace_id) == 32
+
+    async def awaited():
+        async with AsyncGrpcSegmentationClient(traced.grpc_target) as client:
+            return (await client.segment(frame)).trace_id
+
+    async_id = asyncio.run(awaited())
+    for trace_id, name in ((rest_id, "POST /segment"), (grpc_id, f"{SEGMENT_RPC}/Segment"), (async_id, None)):
+        spans = receiver.trace(bytes.fromhex(trace_id), 5)
+        assert name is None or name in by_name(spans)

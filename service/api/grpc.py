@@ -26,7 +26,7 @@ from ..core import SegmentationService, Served
 from ..errors import ServiceError
 from ..proto import segmentation_pb2 as pb
 from ..proto import segmentation_pb2_grpc as pb_grpc
-from ..tracing import grpc_attributes
+from ..tracing import Tracing, grpc_attributes
 from ..worker.link import WorkerLink
 from . import imaging
 from .auth import api_key_from
@@ -53,6 +53,12 @@ def trailers_of(error: ServiceError) -> tuple:
     if error.retry_after:
         trailers.append(("retry-after", str(math.ceil(error.retry_after))))
     return tuple(trailers)
+
+
+def trace_trailer() -> tuple:
+    """The `traceresponse` trailer naming the call's trace, when it is being traced (as REST's header)."""
+    header = Tracing.response_header()
+    return (header,) if header else ()
 
 
 @dataclass(frozen=True)
@@ -207,7 +213,7 @@ class ServicerBase:
 
     async def fail(self, context: grpc.aio.ServicerContext, error: ServiceError) -> None:
         self.service.count_rejection(error)
-        await context.abort(status_of(error), error.message, trailing_metadata=trailers_of(error))
+        await context.abort(status_of(error), error.message, trailing_metadata=trailers_of(error) + trace_trailer())
 
     async def keyed(self, context: grpc.aio.ServicerContext, answer: Callable):
         """`answer()` for a call with the API key; a ServiceError ends the call with its status."""
@@ -230,6 +236,7 @@ class ServicerBase:
             try:
                 yield call
                 code = "OK"
+                context.set_trailing_metadata(trace_trailer())
             except ServiceError as exc:
                 code = exc.grpc_status
                 await self.fail(context, exc)

@@ -9,10 +9,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from fastapi import Request
+from fastapi import Request, Response
 
 from ..metrics import Metrics
-from ..tracing import http_attributes
+from ..tracing import Tracing, http_attributes
 
 
 @dataclass
@@ -21,11 +21,19 @@ class HttpCall:
     status: int = 500  # what the handler answered; 500 unless it says otherwise
     started: float = field(default_factory=time.perf_counter)
 
+    def answer(self, response: Response) -> Response:
+        """The handler's response, noted (its status) and named (the trace's `traceresponse` header)."""
+        self.status = response.status_code
+        header = Tracing.response_header()
+        if header is not None:
+            response.headers[header[0]] = header[1]
+        return response
+
 
 @contextlib.contextmanager
 def http_call(metrics: Metrics, request: Request, route: str, protocol: str) -> Iterator[HttpCall]:
-    """Wraps a POST handler's body; the handler sets `call.model` and `call.status`. `route` is the
-    path template (low cardinality: the span's name)."""
+    """Wraps a POST handler's body; the handler sets `call.model` and returns `call.answer(response)`.
+    `route` is the path template (low cardinality: the span's name)."""
     call = HttpCall()
     metrics.in_flight.inc()
     with metrics.tracing.request(f"POST {route}", request.headers, http_attributes("POST", route)):

@@ -161,15 +161,12 @@ def create_app(service: SegmentationService) -> FastAPI:
                 data = await image_bytes(request, service.settings.max_image_bytes)
                 served = await service.segment(options, "http", data=data)
                 call.model = served.model
-                response = await encode_response(service, served, call.model, format)
-                call.status = 200
-                return response
+                return call.answer(await encode_response(service, served, call.model, format))
             except ServiceError as exc:
-                call.status = exc.http_status
                 service.count_rejection(exc)
                 if exc.code != "too_large":  # a body over the limit is not read on
                     await discard_body(request, service.settings.max_image_bytes + MULTIPART_OVERHEAD)
-                return error_response(exc)
+                return call.answer(error_response(exc))
 
     @app.get("/models", summary="Served models, classes, palette, weights and captured graphs")
     async def models(x_api_key: str | None = Header(None), authorization: str | None = Header(None)):

@@ -320,12 +320,10 @@ def add_v2_routes(app: FastAPI, service: SegmentationService) -> None:
                     call.model, header.get("id"), outputs, binary_outputs, ran_parameters(served), places, regions
                 )
                 metrics.observe_outputs("v2", served, time.perf_counter() - encode_start)
-                call.status = 200
-                return response
+                return call.answer(response)
             except ServiceError as exc:
-                call.status = exc.http_status
                 service.count_rejection(exc)
-                return v2_error(exc)
+                return call.answer(v2_error(exc))
 
 
 def add_shared_memory_routes(app: FastAPI, regions: SharedMemoryRegions, keyed, tags: list[str]) -> None:

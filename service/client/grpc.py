@@ -29,7 +29,7 @@ from PIL import Image
 from ..errors import CODES
 from ..proto import segmentation_pb2 as pb
 from ..proto import segmentation_pb2_grpc as pb_grpc
-from .results import SegmentationError, SegmentResult, decode_labels_png, trace_context
+from .results import SegmentationError, SegmentResult, decode_labels_png, trace_context, trace_id_of
 
 FORMATS = {"png": pb.LABELS_PNG, "raw": pb.LABELS_RAW, "overlay": pb.OVERLAY_JPEG, "stats": pb.STATS_ONLY}
 POLICIES = {"latest": pb.DROP_POLICY_LATEST, "block": pb.DROP_POLICY_BLOCK}
@@ -52,7 +52,8 @@ def error_from_rpc(error: grpc.RpcError):
     code = trailers.get("error-code") or status.lower()
     http = CODES[code][0] if code in CODES else HTTP_OF_STATUS.get(status, 500)
     retry = trailers.get("retry-after")
-    exc = SegmentationError(http, code, error.details() or status, float(retry) if retry else None)
+    trace_id = trace_id_of(trailers.get("traceresponse"))
+    exc = SegmentationError(http, code, error.details() or status, float(retry) if retry else None, trace_id)
     exc.grpc_status = status
     return exc
 
@@ -122,13 +123,14 @@ def segment_request(image, model, format, deadline_ms, tta, priority) -> pb.Segm
     return image_request(image, **fields, tta=tta or "", priority=priority or 0)
 
 
-def segment_result(response: pb.SegmentResponse, format: str) -> SegmentResult:
+def segment_result(response: pb.SegmentResponse, format: str, trailers) -> SegmentResult:
     result = SegmentResult(
         model=response.model,
         labels=labels_of(response),
         timings_ms=timings_of(response),
         content=response.labels,
         tta=response.tta or "none",
+        trace_id=trace_id_of(dict(trailers or ()).get("traceresponse")),
     )
     if format == "overlay":
         result.overlay = response.labels
@@ -247,10 +249,10 @@ class GrpcSegmentationClient(ClientChannel):
         """Like SegmentationClient.segment; `format` is png, raw, overlay or stats."""
         request = segment_request(image, model, format, deadline_ms, tta, priority)
         try:
-            response = self.stub.Segment(request, timeout=self.timeout, metadata=self.call_metadata())
+            response, call = self.stub.Segment.with_call(request, timeout=self.timeout, metadata=self.call_metadata())
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
-        return segment_result(response, format)
+        return segment_result(response, format, call.trailing_metadata())
 
     def stream(
         self,
@@ -321,11 +323,12 @@ class AsyncGrpcSegmentationClient(ClientChannel):
         priority: int | None = None,
     ) -> SegmentResult:
         request = segment_request(image, model, format, deadline_ms, tta, priority)
+        call = self.stub.Segment(request, timeout=self.timeout, metadata=self.call_metadata())
         try:
-            response = await self.stub.Segment(request, timeout=self.timeout, metadata=self.call_metadata())
+            response = await call
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
-        return segment_result(response, format)
+        return segment_result(response, format, await call.trailing_metadata())
 
     async def stream(
         self,

@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from .results import Retrying, SegmentationError, SegmentResult, decode_labels_png, trace_context
+from .results import Retrying, SegmentationError, SegmentResult, decode_labels_png, trace_context, trace_id_of
 
 MEDIA_BY_SUFFIX = {
     ".jpg": "image/jpeg",
@@ -67,7 +67,8 @@ def error_from(response: httpx.Response) -> SegmentationError:
     except (ValueError, KeyError, TypeError):
         code, message = "error", response.text
     retry = response.headers.get("retry-after")
-    return SegmentationError(response.status_code, code, message, float(retry) if retry else None)
+    trace_id = trace_id_of(response.headers.get("traceresponse"))
+    return SegmentationError(response.status_code, code, message, float(retry) if retry else None, trace_id)
 
 
 def result_from(response: httpx.Response, fmt: str) -> SegmentResult:
@@ -76,6 +77,7 @@ def result_from(response: httpx.Response, fmt: str) -> SegmentResult:
         tta=response.headers.get("x-tta", "none"),
         content=response.content,
         timings_ms=parse_server_timing(response.headers.get("server-timing", "")),
+        trace_id=trace_id_of(response.headers.get("traceresponse")),
     )
     if fmt == "png":
         result.labels = decode_labels_png(response.content)

@@ -17,13 +17,22 @@ from PIL import Image
 class SegmentationError(RuntimeError):
     """The service refused a request: HTTP status, error code, message and Retry-After (seconds)."""
 
-    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None):
+    def __init__(
+        self, status: int, code: str, message: str, retry_after: float | None = None, trace_id: str | None = None
+    ):
         super().__init__(f"{status} {code}: {message}")
         self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+        self.trace_id = trace_id  # the service's trace of the request, when it traced it
 
     @property
     def retryable(self) -> bool:
         return self.status in (429, 503)
+
+
+def trace_id_of(traceresponse: str | None) -> str | None:
+    """The trace id in a W3C `traceresponse` header or trailer (00-TRACE-SPAN-FLAGS)."""
+    parts = (traceresponse or "").split("-")
+    return parts[1] if len(parts) == 4 else None
 
 
 def trace_context() -> dict[str, str]:
@@ -69,6 +78,7 @@ class SegmentResult:
     timings_ms: dict = field(default_factory=dict)  # from the Server-Timing header
     content: bytes = b""  # the response body as received
     tta: str = "none"  # the test-time augmentation that ran (the choice when `auto` was asked)
+    trace_id: str | None = None  # the service's trace of the request, when it traced it (traceresponse)
 
     def save_overlay(self, path: str | os.PathLike) -> None:
         Path(path).write_bytes(self.overlay or b"")
