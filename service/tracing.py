@@ -53,11 +53,16 @@ def epoch_ns(monotonic: float, now_monotonic: float, now_ns: int) -> int:
     return now_ns - round((now_monotonic - monotonic) * 1e9)
 
 
+def recorded_context() -> trace.SpanContext | None:
+    """The current span's context when this service records it (tracing on, request sampled)."""
+    span = trace.get_current_span()
+    return span.get_span_context() if span.is_recording() else None
+
+
 class Tracing:
     """The service's tracer: exporting to `endpoint` (OTLP/HTTP) or, without one, doing nothing."""
 
     def __init__(self, endpoint: str | None = None, rate: float = 1.0):
-        self.endpoint = endpoint
         self.provider = None
         if not endpoint:
             self.tracer: trace.Tracer = trace.NoOpTracer()
@@ -130,20 +135,15 @@ class Tracing:
     @staticmethod
     def exemplar() -> dict[str, str] | None:
         """The current request's trace id as a Prometheus exemplar's labels, when it is being traced."""
-        span = trace.get_current_span()
-        if not span.is_recording():
-            return None
-        return {"trace_id": format(span.get_span_context().trace_id, "032x")}
+        context = recorded_context()
+        return {"trace_id": f"{context.trace_id:032x}"} if context else None
 
     @staticmethod
     def response_header() -> tuple[str, str] | None:
         """The W3C `traceresponse` header naming the current request's trace, when it is being
         traced, so a client that does not trace can still look its request up."""
-        span = trace.get_current_span()
-        if not span.is_recording():
-            return None
-        context = span.get_span_context()
-        return "traceresponse", f"00-{context.trace_id:032x}-{context.span_id:016x}-01"
+        context = recorded_context()
+        return ("traceresponse", f"00-{context.trace_id:032x}-{context.span_id:016x}-01") if context else None
 
     @staticmethod
     def rejected(code: str, message: str) -> None:
