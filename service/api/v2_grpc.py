@@ -60,7 +60,8 @@ CONTENTS_FIELD = {
 
 
 def parameters_of(parameters) -> dict:
-    """A protobuf map<string, InferParameter> as plain Python values."""
+    """A protobuf map of `parameter_choice` oneofs (InferParameter, a log setting's value) as plain
+    Python values (None where none is set)."""
     out = {}
     for name, parameter in parameters.items():
         kind = parameter.WhichOneof("parameter_choice")
@@ -93,11 +94,13 @@ def request_inputs(request: pb.ModelInferRequest, service) -> list[tensors.Input
     return inputs
 
 
-def set_parameter(parameter: pb.InferParameter, value) -> None:
+def set_parameter(parameter, value, int_field: str = "int64_param") -> None:
+    """Set a `parameter_choice` oneof (an InferParameter, or a log setting's value with
+    `int_field="uint32_param"`) to a Python bool, int or str."""
     if isinstance(value, bool):
         parameter.bool_param = value
     elif isinstance(value, int):
-        parameter.int64_param = value
+        setattr(parameter, int_field, value)
     else:
         parameter.string_param = value
 
@@ -245,12 +248,12 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
     # -- logging ---------------------------------------------------------------------------------
     async def LogSettings(self, request: pb.LogSettingsRequest, context: grpc.aio.ServicerContext):
         """Triton's logging extension: an empty request reads the settings, others change them."""
-        changes = {key: setting_value(value) for key, value in request.settings.items()}
+        changes = parameters_of(request.settings)  # the same parameter_choice oneof as InferParameter
         settings = self.service.log_settings
         current = await self.keyed(context, lambda: settings.update(changes) if changes else settings.current())
         response = pb.LogSettingsResponse()
         for key, value in current.items():
-            setattr(response.settings[key], setting_field(value), value)
+            set_parameter(response.settings[key], value, int_field="uint32_param")
         return response
 
     # -- inference -------------------------------------------------------------------------------
@@ -335,19 +338,6 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
         if request.parameters.get("triton_enable_empty_final_response") is not None:
             response.infer_response.parameters["triton_final_response"].bool_param = True
         return response
-
-
-def setting_value(value: pb.LogSettingsRequest.SettingValue):
-    """A log setting's value as Python (None when the client set none)."""
-    field = value.WhichOneof("parameter_choice")
-    return getattr(value, field) if field else None
-
-
-def setting_field(value) -> str:
-    """The SettingValue field that carries `value`."""
-    if isinstance(value, bool):
-        return "bool_param"
-    return "uint32_param" if isinstance(value, int) else "string_param"
 
 
 def error_response(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
